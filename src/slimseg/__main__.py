@@ -1,0 +1,3 @@
+from slimseg.cli.app import main
+
+main()

@@ -1,0 +1,63 @@
+"""The ``slimseg`` Typer application: global options and the subcommand table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from slimseg import __version__
+from slimseg.cli.common import State, error_line
+from slimseg.cli.segment import segment
+
+app = typer.Typer(
+    name="slimseg",
+    help="Small and fast Segment Anything: prune, distill, segment, segment everything, evaluate, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"slimseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_show_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    State.debug = debug
+
+
+app.command(no_args_is_help=True)(segment)
+
+_PLANNED = {
+    "prune": "SlimSAM structural pruning (alternate slimming, disturbed Taylor importance)",
+    "distill": "SlimSAM distillation of a pruned encoder from a teacher",
+    "segevery": "segment everything with grid or AutoPPN prompts",
+    "eval-coco": "zero-shot COCO evaluation",
+    "export": "ONNX export and quantisation",
+}
+
+
+def _planned_command(name: str, summary: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        error_line(f"`slimseg {name}` ({summary}) is not built yet in slimseg {__version__}")
+        raise typer.Exit(1)
+
+    command.__doc__ = f"{summary[0].upper()}{summary[1:]}. [dim](not built yet)[/dim]"
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+
+
+for _name, _summary in _PLANNED.items():
+    _planned_command(_name, _summary)
+
+
+def main() -> None:
+    app(prog_name="slimseg")

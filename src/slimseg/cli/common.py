@@ -1,0 +1,58 @@
+"""What every subcommand shares: the stderr console, error reporting, option types."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Iterator
+
+import typer
+from rich.console import Console
+
+from slimseg.errors import SlimsegError
+
+# Results go to stdout; messages and progress bars go to stderr, so pipes stay clean.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class State:
+    debug = False
+
+
+def error_line(message: str) -> None:
+    console.print(f"[bold red]slimseg: error:[/] {message}", markup=True, highlight=False)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn SlimsegError into one line on stderr and its exit status; other exceptions too,
+    unless ``--debug`` asks for the traceback."""
+    try:
+        yield
+    except SlimsegError as error:
+        if State.debug:
+            raise
+        error_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as error:  # a bug, but the user still gets one line
+        if State.debug:
+            raise
+        error_line(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", "-d", help="Where to run: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.",
+                 envvar="SLIMSEG_DEVICE", show_default=True),
+]
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Registered model name (see `slimseg models`) or a checkpoint path "
+                 "(segment-anything .pth or slimseg .safetensors).", show_default=True),
+]

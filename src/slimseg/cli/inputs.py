@@ -1,0 +1,163 @@
+"""Turn command-line input specs (files, folders, globs, "-") into a list of images.
+
+Each image gets a ``key``: a relative output name without suffix, unique across the
+run, so outputs of different inputs never overwrite each other and recursive runs
+mirror the input tree.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from slimseg.data.images import IMAGE_EXTENSIONS
+from slimseg.errors import SlimsegError
+
+__all__ = ["ImageInput", "expand_inputs"]
+
+_GLOB_CHARS = frozenset("*?[")
+_EXTENSION_LIST = " ".join(sorted(IMAGE_EXTENSIONS))
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to process.
+
+    Attributes:
+        path: the file, as found (relative paths stay relative).
+        key: unique output name without suffix, '/'-separated, e.g. "photo" or "trip/day1/img_3".
+    """
+
+    path: Path
+    key: str
+
+
+def expand_inputs(
+    specs: list[str], recursive: bool = False, stdin: TextIO | None = None
+) -> list[ImageInput]:
+    """Expand input specs into images, in the order given.
+
+    Specs:
+        * an existing file: taken whatever its suffix (reading it reports non-images);
+        * a folder: images (by ``IMAGE_EXTENSIONS``) directly inside, or at all depths
+          when ``recursive``; hidden files and folders skipped; sorted by relative path;
+        * a glob with ``*?[`` (``**`` spans folders): matching image files, sorted;
+          an existing path with those characters is taken literally instead;
+        * ``-``: one path (file or folder, never a glob) per line of ``stdin``
+          (default ``sys.stdin``); blank lines and lines starting with '#' are ignored.
+
+    A file reached twice (by any route) is taken once, with its first key. Keys that
+    collide (ignoring case, for case-insensitive filesystems) get ``_2``, ``_3``, ...
+
+    Raises:
+        SlimsegError: a path does not exist, a glob matches nothing, a folder, glob or
+            stdin yields no images, or no specs were given.
+    """
+    if not specs:
+        raise SlimsegError("no inputs given: pass image files, folders or glob patterns")
+    found: list[tuple[Path, str]] = []
+    for spec in specs:
+        if spec == "-":
+            found.extend(_from_stdin(stdin if stdin is not None else sys.stdin, recursive))
+        elif not os.path.lexists(spec) and _GLOB_CHARS.intersection(spec):
+            found.extend(_from_glob(spec))
+        else:
+            found.extend(_from_path(spec, recursive))
+    return _deduplicate(found)
+
+
+def _from_path(spec: str, recursive: bool) -> list[tuple[Path, str]]:
+    path = Path(spec)
+    if not path.exists():
+        raise SlimsegError(f"{spec}: no such file or directory")
+    if not path.is_dir():
+        return [(path, path.stem)]
+    images = _scan_folder(path, recursive)
+    if not images:
+        hint = "" if recursive else "; subfolders are only searched when recursive"
+        raise SlimsegError(f"{spec}: no images found in this folder (looked for {_EXTENSION_LIST}{hint})")
+    return images
+
+
+def _scan_folder(folder: Path, recursive: bool) -> list[tuple[Path, str]]:
+    """Image files in ``folder`` with keys relative to it, sorted by relative path."""
+    relative: list[tuple[str, ...]] = []
+    for root, dirs, files in os.walk(folder):
+        if recursive:
+            # Pruning in place stops os.walk from descending into hidden folders.
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        else:
+            dirs[:] = []
+        prefix = Path(root).relative_to(folder).parts
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                relative.append((*prefix, name))
+    relative.sort()
+    return [(folder.joinpath(*parts), _key(parts)) for parts in relative]
+
+
+def _from_glob(pattern: str) -> list[tuple[Path, str]]:
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise SlimsegError(f"{pattern}: no files match this pattern")
+    root = _glob_root(pattern)
+    images = []
+    for match in matches:
+        if os.path.isfile(match) and Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+            parts = Path(os.path.relpath(match, root)).parts
+            images.append((Path(match), _key(parts)))
+    if not images:
+        raise SlimsegError(f"{pattern}: the pattern matches no image files (looked for {_EXTENSION_LIST})")
+    return images
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder before the first wildcard, so keys mirror the tree below it."""
+    parts = Path(pattern).parts[:-1]  # the last part names files, never the root
+    fixed: list[str] = []
+    for part in parts:
+        if _GLOB_CHARS.intersection(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _from_stdin(stream: TextIO, recursive: bool) -> list[tuple[Path, str]]:
+    found: list[tuple[Path, str]] = []
+    for raw in stream:
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            found.extend(_from_path(line, recursive))
+    if not found:
+        raise SlimsegError("-: no image paths were read from standard input")
+    return found
+
+
+def _key(parts: tuple[str, ...]) -> str:
+    """'/'-joined relative path with the file's suffix removed."""
+    return "/".join((*parts[:-1], Path(parts[-1]).stem))
+
+
+def _deduplicate(found: list[tuple[Path, str]]) -> list[ImageInput]:
+    seen_files: set[Path] = set()
+    used_keys: set[str] = set()
+    inputs: list[ImageInput] = []
+    for path, key in found:
+        identity = path.resolve()
+        if identity in seen_files:
+            continue
+        seen_files.add(identity)
+        unique = key
+        suffix = 2
+        while unique.casefold() in used_keys:
+            unique = f"{key}_{suffix}"
+            suffix += 1
+        used_keys.add(unique.casefold())
+        inputs.append(ImageInput(path=path, key=unique))
+    if not inputs:
+        raise SlimsegError("no images found in the given inputs")
+    return inputs

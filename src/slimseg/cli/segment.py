@@ -1,0 +1,160 @@
+"""``slimseg segment``: masks for box and point prompts, one encoder pass per image."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from slimseg.cli.common import DeviceOption, ModelOption, console, error_line, user_errors
+from slimseg.cli.inputs import ImageInput, expand_inputs
+from slimseg.data.images import read_image
+from slimseg.devices import resolve_device
+from slimseg.errors import SlimsegError, UsageError
+from slimseg.inference.masks import encode_rle, mask_to_box_xywh
+from slimseg.inference.predictor import Predictor
+from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
+from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
+from slimseg.zoo import load_model
+
+
+class OutputFormat(str, Enum):
+    jsonl = "jsonl"
+    png = "png"
+    rle = "rle"
+
+
+class PromptSource:
+    """Prompts for each image: the command-line ones, plus a prompts file's entry for it."""
+
+    def __init__(self, boxes: list[str], points: list[str], prompts_file: Path | None) -> None:
+        self.common = prompts_from_options(boxes, points)
+        loaded = load_prompts_file(prompts_file) if prompts_file else []
+        self.per_image = loaded if isinstance(loaded, dict) else {}
+        if isinstance(loaded, list):
+            self.common += loaded
+        if not self.common and not self.per_image:
+            raise UsageError("no prompts: give --box, --point or --prompts FILE")
+
+    def for_image(self, image: ImageInput) -> list[Prompt]:
+        names = (str(image.path), image.path.as_posix(), str(image.path.resolve()), image.key, image.path.name)
+        own = next((self.per_image[name] for name in names if name in self.per_image), [])
+        prompts = self.common + own
+        if not prompts:
+            raise SlimsegError(f"{image.path}: no prompts for this image in the prompts file")
+        return prompts
+
+
+def _mask_entries(results: list[PromptResult]) -> list[tuple[int, int, np.ndarray, float]]:
+    """(prompt index, candidate index, mask, score), candidates best first."""
+    entries = []
+    for prompt_index, result in enumerate(results):
+        for candidate, order in enumerate(np.argsort(-result.scores, kind="stable")):
+            entries.append((prompt_index, candidate, result.masks[order], float(result.scores[order])))
+    return entries
+
+
+def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResult], fmt: OutputFormat,
+                   out: Path | None, overlay: bool) -> dict:
+    """Write this image's files (atomically) and return its JSON record."""
+    height, width = rgb.shape[:2]
+    record: dict = {"image": str(image.path), "width": width, "height": height, "masks": []}
+    for n, (prompt_index, candidate, mask, score) in enumerate(_mask_entries(results)):
+        entry = {"prompt": prompt_index, "candidate": candidate, "score": round(score, 6),
+                 "area": int(mask.sum()), "bbox": mask_to_box_xywh(mask)}
+        if fmt is OutputFormat.png:
+            path = out / image.key / f"mask_{n:03d}.png"
+            write_mask_png(path, mask)
+            entry["file"] = str(path)
+        else:
+            entry["segmentation"] = encode_rle(mask)
+        record["masks"].append(entry)
+    record["prompts"] = [result.prompt.to_json() for result in results]
+    if fmt is OutputFormat.rle:
+        atomic_write_text(out / f"{image.key}.json", json.dumps(record) + "\n")
+    if overlay:
+        best = [result.masks[int(np.argmax(result.scores))] for result in results]
+        picture = render_overlay(
+            rgb, best, boxes=[r.prompt.box for r in results if r.prompt.box is not None],
+            points=[(x, y, label) for r in results for (x, y), label in zip(r.prompt.points, r.prompt.labels)],
+        )
+        path = out / f"{image.key}.overlay.png"
+        write_image_png(path, picture)
+        record["overlay"] = str(path)
+    return record
+
+
+def segment(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, quoted globs, or - to read paths from stdin.",
+                                                show_default=False)],
+    model: ModelOption = "sam-b",
+    box: Annotated[Optional[list[str]], typer.Option("--box", "-b", help="Box prompt x0,y0,x1,y1 in pixels; repeat for several objects.", show_default=False)] = None,
+    point: Annotated[Optional[list[str]], typer.Option("--point", "-p", help="Point prompt x,y[,label] in pixels, label 1 = foreground (default) or 0 = background; all points form one object (with the box if exactly one is given).", show_default=False)] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSON prompts file: a list of {\"box\": [..], \"points\": [[x,y,label], ..]} for every image, or an object mapping image paths/names to such lists.", show_default=False)] = None,
+    multimask: Annotated[bool, typer.Option("--multimask/--single", help="Keep SAM's three candidate masks per prompt (ranked by score) or decode one mask.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for mask files and overlays (created if missing).", show_default=False)] = None,
+    fmt: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="jsonl: COCO-RLE masks in one JSON line per image on stdout [default without --out]; png: 0/255 PNG per mask in OUT/<image>/ [default with --out]; rle: OUT/<image>.json with COCO-RLE masks.", show_default=False)] = None,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png: the best mask of each prompt in colour, prompts drawn (needs --out).")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Segment objects given by box and point prompts, one JSON line per image on stdout.
+
+    The exit status is 0 when every image succeeded, 1 when any failed (each failure is
+    reported on stderr and the other images are still processed), 2 for bad options.
+    """
+    with user_errors():
+        fmt = fmt or (OutputFormat.png if out else OutputFormat.jsonl)
+        if fmt is not OutputFormat.jsonl and out is None:
+            raise UsageError(f"--format {fmt.value} writes files: give --out DIR")
+        if fmt is OutputFormat.jsonl and out is not None and not overlay:
+            raise UsageError("--format jsonl writes to stdout only: use --format png or rle with --out")
+        if overlay and out is None:
+            raise UsageError("--overlay writes pictures: give --out DIR")
+        source = PromptSource(box or [], point or [], prompts)
+        inputs = expand_inputs(images, recursive=recursive)
+        target = resolve_device(device)
+        predictor = Predictor(load_model(model, device=target))
+        failures = _run(inputs, source, predictor, fmt, out, overlay, multimask)
+        if failures:
+            if len(inputs) > 1:
+                error_line(f"{failures} of {len(inputs)} image(s) failed")
+            raise typer.Exit(1)
+
+
+def _run(inputs: list[ImageInput], source: PromptSource, predictor: Predictor, fmt: OutputFormat,
+         out: Path | None, overlay: bool, multimask: bool) -> int:
+    failures = 0
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("segmenting", total=len(inputs))
+        for image in inputs:
+            started = time.perf_counter()
+            try:
+                rgb = read_image(image.path)
+                height, width = rgb.shape[:2]
+                image_prompts = [fit_to_image(p, height, width) for p in source.for_image(image)]
+                predictor.set_image(rgb)
+                results = predict_prompts(predictor, image_prompts, multimask)
+                record = _write_outputs(image, rgb, results, fmt, out, overlay)
+            except SlimsegError as error:
+                message = str(error)
+                error_line(message if str(image.path) in message else f"{image.path}: {message}")
+                failures += 1
+            except OSError as error:
+                error_line(f"{image.path}: cannot write output ({error.strerror}: {error.filename})")
+                failures += 1
+            else:
+                record["seconds"] = round(time.perf_counter() - started, 4)
+                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+            progress.advance(task)
+    return failures

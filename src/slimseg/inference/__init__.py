@@ -1,0 +1,1 @@
+"""Running models on images: prompts in, masks and records out."""

@@ -1,0 +1,143 @@
+"""``Predictor``: segment-anything's ``SamPredictor`` interface over any slimseg SAM model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slimseg.errors import SlimsegError
+from slimseg.inference.transforms import ResizeLongestSide
+from slimseg.modeling.sam import Sam
+
+
+class Predictor:
+    """Compute an image embedding once, then decode any number of prompts against it.
+
+    Arguments, shapes and return values match segment-anything's ``SamPredictor``.
+    """
+
+    def __init__(self, model: Sam) -> None:
+        self.model = model
+        self.transform = ResizeLongestSide(model.img_size)
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an HxWx3 uint8 image given in ``image_format`` ("RGB" or "BGR")."""
+        if image_format not in ("RGB", "BGR"):
+            raise SlimsegError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(tensor, image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Embed a (1, 3, H, W) image already resized so that max(H, W) == model.img_size."""
+        shape = tuple(transformed_image.shape)
+        if len(shape) != 4 or shape[1] != 3 or max(shape[2:]) != self.model.img_size:
+            raise SlimsegError(
+                f"set_torch_image expects a 1x3xHxW tensor with longest side {self.model.img_size}, got {shape}"
+            )
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (shape[2], shape[3])
+        self.features = self.model.image_encoder(self.model.preprocess(transformed_image.float()))
+        self.is_image_set = True
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise SlimsegError("no image is set: call set_image() before predicting")
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt, in original-image pixel coordinates.
+
+        Arguments:
+            point_coords: (N, 2) XY points; point_labels: (N,) 1 foreground, 0 background.
+            box: (4,) XYXY box. mask_input: (1, 256, 256) low-res logits of an earlier call.
+            multimask_output: three masks instead of one (best for a single ambiguous point).
+            return_logits: return logits instead of thresholded masks.
+        Returns:
+            masks (C, H, W), iou predictions (C,), low-res logits (C, 256, 256); C is 3 or 1.
+        """
+        self._require_image()
+        coords_torch = labels_torch = box_torch = mask_torch = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise SlimsegError("point_labels must be given with point_coords")
+            coords = self.transform.apply_coords(np.asarray(point_coords), self.original_size)
+            coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
+            labels_torch = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=self.device)[None]
+            if coords_torch.shape[:2] != labels_torch.shape or coords_torch.shape[-1] != 2:
+                raise SlimsegError(
+                    f"point_coords must be Nx2 and point_labels N, got {tuple(coords.shape)} and "
+                    f"{tuple(np.asarray(point_labels).shape)}"
+                )
+        if box is not None:
+            boxes = self.transform.apply_boxes(np.asarray(box), self.original_size)
+            box_torch = torch.as_tensor(boxes, dtype=torch.float, device=self.device)[:1]
+        if mask_input is not None:
+            mask_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
+        masks, iou, low_res = self.predict_torch(
+            coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits
+        )
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks for B prompts at once; inputs already in the resized frame (``transform``).
+
+        Arguments:
+            point_coords: (B, N, 2); point_labels: (B, N); boxes: (B, 4); mask_input: (B, 1, 256, 256).
+        Returns:
+            masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 256, 256).
+        """
+        self._require_image()
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The (1, C, h, w) embedding of the current image."""
+        self._require_image()
+        return self.features

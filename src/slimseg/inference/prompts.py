@@ -1,0 +1,166 @@
+"""Prompts for one object (points and/or a box), parsing them, and decoding many at once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from slimseg.errors import SlimsegError, UsageError
+from slimseg.inference.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Everything that describes one object: (N, 2) XY points with (N,) labels, and/or an XYXY box,
+    in original-image pixels."""
+
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+    box: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.points and self.box is None:
+            raise SlimsegError("a prompt needs at least one point or a box")
+        if len(self.points) != len(self.labels):
+            raise SlimsegError("a prompt needs one label per point")
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.points:
+            data["points"] = [[x, y, label] for (x, y), label in zip(self.points, self.labels)]
+        if self.box is not None:
+            data["box"] = list(self.box)
+        return data
+
+
+def _numbers(text: str, what: str, counts: Sequence[int]) -> list[float]:
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not all(np.isfinite(values)):
+        raise UsageError(f"malformed {what} {text!r}")
+    return values
+
+
+def parse_box(text: str, name: str = "--box") -> tuple[float, float, float, float]:
+    """``"x0,y0,x1,y1"`` in pixels → a box; x1 > x0 and y1 > y0 are required."""
+    x0, y0, x1, y1 = _numbers(text, f"{name} (expected x0,y0,x1,y1 in pixels)", (4,))
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"malformed {name} {text!r}: need x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
+
+def parse_point(text: str, name: str = "--point") -> tuple[float, float, int]:
+    """``"x,y"`` or ``"x,y,label"`` (label 1 = foreground, 0 = background)."""
+    values = _numbers(text, f"{name} (expected x,y or x,y,label in pixels)", (2, 3))
+    label = values[2] if len(values) == 3 else 1.0
+    if label not in (0.0, 1.0):
+        raise UsageError(f"malformed {name} {text!r}: label must be 1 (foreground) or 0 (background)")
+    return values[0], values[1], int(label)
+
+
+def prompts_from_options(boxes: Sequence[str], points: Sequence[str]) -> list[Prompt]:
+    """Command-line prompts: each ``--box`` is one object; the ``--point``s form one object
+    together, or refine the box when exactly one box is given."""
+    parsed_boxes = [parse_box(text) for text in boxes]
+    parsed_points = [parse_point(text) for text in points]
+    coords = tuple((x, y) for x, y, _ in parsed_points)
+    labels = tuple(label for _, _, label in parsed_points)
+    if parsed_points and len(parsed_boxes) > 1:
+        raise UsageError("--point with several --box options is ambiguous: pair them in a --prompts file")
+    if parsed_points and parsed_boxes:
+        return [Prompt(coords, labels, parsed_boxes[0])]
+    if parsed_points:
+        return [Prompt(coords, labels)]
+    return [Prompt(box=box) for box in parsed_boxes]
+
+
+def _prompt_from_json(item: Any, where: str) -> Prompt:
+    if not isinstance(item, dict) or not item or not set(item) <= {"box", "points"}:
+        raise SlimsegError(f"{where}: each prompt must be an object with 'box' and/or 'points'")
+    try:
+        box = parse_box(",".join(map(str, item["box"])), "'box'") if item.get("box") is not None else None
+        points = [parse_point(",".join(map(str, p)), "point") for p in item.get("points") or []]
+    except (TypeError, UsageError) as error:
+        raise SlimsegError(f"{where}: {error}") from None
+    return Prompt(tuple((x, y) for x, y, _ in points), tuple(label for *_, label in points), box)
+
+
+def load_prompts_file(path: str | Path) -> dict[str, list[Prompt]] | list[Prompt]:
+    """Read a JSON prompts file.
+
+    Either a list of prompts applied to every image, or an object mapping image paths (as
+    given, or bare file names) to their own lists. A prompt is ``{"box": [x0, y0, x1, y1],
+    "points": [[x, y, label], ...]}`` with either key optional.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise SlimsegError(f"{path}: cannot read prompts file ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SlimsegError(f"{path}: prompts file is not valid JSON ({error})") from None
+    if isinstance(data, list):
+        return [_prompt_from_json(item, f"{path}[{i}]") for i, item in enumerate(data)]
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        return {
+            name: [_prompt_from_json(item, f"{path}: {name}[{i}]") for i, item in enumerate(items)]
+            for name, items in data.items()
+        }
+    raise SlimsegError(f"{path}: prompts file must be a list of prompts or an object of image → prompts")
+
+
+def fit_to_image(prompt: Prompt, height: int, width: int) -> Prompt:
+    """Clip a box that sticks out of the image; refuse points outside it or a box fully outside."""
+    for x, y in prompt.points:
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise SlimsegError(f"point ({x:g}, {y:g}) lies outside the {width}x{height} image")
+    box = prompt.box
+    if box is not None:
+        clipped = (min(max(box[0], 0), width), min(max(box[1], 0), height),
+                   min(max(box[2], 0), width), min(max(box[3], 0), height))
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            raise SlimsegError(f"box {list(box)} lies outside the {width}x{height} image")
+        box = clipped
+    return Prompt(prompt.points, prompt.labels, box)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Decoded masks of one prompt: (C, H, W) bool masks, (C,) predicted IoU."""
+
+    prompt: Prompt
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+def predict_prompts(predictor: Predictor, prompts: Sequence[Prompt], multimask_output: bool) -> list[PromptResult]:
+    """Decode every prompt against the predictor's current image, batched.
+
+    Prompts with the same shape (number of points, box or not) share one decoder batch;
+    padding unequal point lists would add tokens and change the masks, so it is not done.
+    """
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault((len(prompt.points), prompt.box is not None), []).append(index)
+    results: list[PromptResult | None] = [None] * len(prompts)
+    size = predictor.original_size
+    for (n_points, has_box), indexes in groups.items():
+        coords = labels = boxes = None
+        if n_points:
+            raw = torch.tensor([prompts[i].points for i in indexes], dtype=torch.float, device=predictor.device)
+            coords = predictor.transform.apply_coords_torch(raw, size)
+            labels = torch.tensor([prompts[i].labels for i in indexes], dtype=torch.int, device=predictor.device)
+        if has_box:
+            raw = torch.tensor([prompts[i].box for i in indexes], dtype=torch.float, device=predictor.device)
+            boxes = predictor.transform.apply_boxes_torch(raw, size)
+        masks, scores, _ = predictor.predict_torch(coords, labels, boxes, multimask_output=multimask_output)
+        for row, index in enumerate(indexes):
+            results[index] = PromptResult(prompts[index], masks[row].cpu().numpy(), scores[row].cpu().numpy())
+    return [result for result in results if result is not None]

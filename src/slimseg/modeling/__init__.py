@@ -1,0 +1,1 @@
+"""Pure ``nn.Module`` definitions: no files, devices or command-line concerns here."""

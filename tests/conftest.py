@@ -1,0 +1,42 @@
+"""Shared fixtures: the segment-anything reference, tiny model configs, test images."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("torchvision") is None:
+    sys.path.insert(0, str(Path(__file__).parent / "reference_stubs"))
+
+from slimseg.modeling.sam import SamConfig, sam_vit_config  # noqa: E402
+
+
+def tiny_config(**overrides) -> SamConfig:
+    """A 4-block SAM at 256 px (16x16 tokens, window 8, blocks 1 and 3 global)."""
+    arguments = dict(embed_dim=48, depth=4, num_heads=4, global_attn_indexes=(1, 3), window_size=8,
+                     img_size=256, mlp_dim=96)
+    arguments.update(overrides)
+    return sam_vit_config(**arguments)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def photo(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
+    """A photo-like HxWx3 uint8 image: smooth gradients, shapes and noise, so masks vary."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    image = np.stack([xs * 255 / width, ys * 255 / height, (xs + ys) * 127 / (width + height)], axis=-1)
+    for _ in range(6):
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(20, 120)
+        image[(ys - cy) ** 2 + (xs - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)

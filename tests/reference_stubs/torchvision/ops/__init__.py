@@ -1,0 +1,1 @@
+from torchvision.ops.boxes import batched_nms, box_area  # noqa: F401

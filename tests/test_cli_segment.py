@@ -1,0 +1,205 @@
+"""``slimseg segment`` end to end on a tiny random model: outputs, inputs and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo, tiny_config
+from PIL import Image
+from typer.testing import CliRunner
+
+import slimseg
+from slimseg.cli.app import app
+from slimseg.inference.masks import decode_rle
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    model = slimseg.build_model(tiny_config())
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return slimseg.save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(photo(120, 160, seed=1)).save(folder / "a.jpg")
+    Image.fromarray(photo(90, 70, seed=2)).save(folder / "b.png")
+    return folder
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def records(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def assert_one_line_error(result, *fragments: str, code: int | None = None) -> None:
+    assert result.exit_code != 0 if code is None else result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout.strip()
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_the_subcommands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("prune", "distill", "segment", "segevery", "eval-coco", "export"):
+        assert name in result.stdout
+
+
+def test_version_and_module_entry_point():
+    completed = subprocess.run([sys.executable, "-m", "slimseg", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == f"slimseg {slimseg.__version__}"
+
+
+@pytest.mark.parametrize("name", ["prune", "distill", "segevery", "eval-coco", "export"])
+def test_planned_commands_say_so_and_fail(name):
+    result = invoke(name, "--ratio", "0.5")
+    assert_one_line_error(result, f"slimseg {name}", "not built yet", code=1)
+
+
+def test_box_prompt_gives_a_json_line_matching_the_predictor(model_path, images):
+    result = invoke("segment", images / "a.jpg", "--model", model_path, "--box", "10,20,100,90", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    (record,) = records(result.stdout)
+    assert (record["image"], record["width"], record["height"]) == (str(images / "a.jpg"), 160, 120)
+    (mask_record,) = record["masks"]
+    mask = decode_rle(mask_record["segmentation"])
+    assert mask.shape == (120, 160) and mask_record["area"] == int(mask.sum())
+    assert record["prompts"] == [{"box": [10.0, 20.0, 100.0, 90.0]}]
+
+    predictor = slimseg.Predictor(slimseg.load_model(model_path, device="cpu"))
+    predictor.set_image(np.asarray(Image.open(images / "a.jpg").convert("RGB")))
+    masks, scores, _ = predictor.predict(box=np.array([10, 20, 100, 90]), multimask_output=False)
+    np.testing.assert_array_equal(mask, masks[0])
+    assert mask_record["score"] == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_multimask_points_and_several_boxes_in_one_run(model_path, images):
+    result = invoke("segment", images / "a.jpg", "-m", model_path, "--point", "50,50", "--point", "80,60,0",
+                    "--multimask", "-d", "cpu")
+    assert result.exit_code == 0, result.output
+    masks = records(result.stdout)[0]["masks"]
+    assert [m["candidate"] for m in masks] == [0, 1, 2]
+    assert masks[0]["score"] >= masks[1]["score"] >= masks[2]["score"]
+    result = invoke("segment", images / "a.jpg", "-m", model_path, "-b", "0,0,50,50", "-b", "60,60,150,110")
+    assert [m["prompt"] for m in records(result.stdout)[0]["masks"]] == [0, 1]
+
+
+def test_folder_png_output_overlay_and_rle(model_path, images, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("segment", images, "-m", model_path, "-b", "5,5,60,60", "--out", out, "--overlay")
+    assert result.exit_code == 0, result.output
+    assert [Path(r["image"]).name for r in records(result.stdout)] == ["a.jpg", "b.png"]
+    png = np.asarray(Image.open(out / "a" / "mask_000.png"))
+    assert png.shape == (120, 160) and set(np.unique(png)) <= {0, 255}
+    assert np.asarray(Image.open(out / "b.overlay.png")).shape == (90, 70, 3)
+    result = invoke("segment", images / "b.png", "-m", model_path, "-b", "5,5,60,60", "--out", out, "-f", "rle")
+    saved = json.loads((out / "b.json").read_text())
+    assert saved["masks"][0]["segmentation"]["size"] == [90, 70]
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_paths_from_stdin_and_prompts_file(model_path, images, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"a.jpg": [{"box": [1, 2, 50, 60]}, {"points": [[20, 30], [40, 40, 0]]}],
+                                   "b.png": [{"box": [0, 0, 30, 30], "points": [[10, 10, 1]]}]}))
+    listing = f"{images / 'a.jpg'}\n\n# comment\n{images / 'b.png'}\n"
+    result = invoke("segment", "-", "-m", model_path, "--prompts", prompts, input=listing)
+    assert result.exit_code == 0, result.output
+    first, second = records(result.stdout)
+    assert len(first["masks"]) == 2 and len(second["masks"]) == 1
+    assert second["prompts"] == [{"points": [[10.0, 10.0, 1]], "box": [0.0, 0.0, 30.0, 30.0]}]
+
+
+def test_odd_images_are_handled(model_path, tmp_path):
+    grey16 = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    Image.fromarray(photo(40, 50)).convert("RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(photo(40, 50)).convert("L").save(tmp_path / "grey.png")
+    result = invoke("segment", tmp_path, "-m", model_path, "-b", "0,0,30,30")
+    assert result.exit_code == 0, result.output
+    assert len(records(result.stdout)) == 3
+
+
+def test_corrupt_image_in_folder_is_reported_and_the_rest_processed(model_path, images):
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    result = invoke("segment", images, "-m", model_path, "-b", "0,0,30,30")
+    assert result.exit_code == 1
+    assert len(records(result.stdout)) == 2
+    assert "broken.jpg" in result.stderr and "1 of 3 image(s) failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_box_sticking_out_is_clipped_and_point_outside_is_refused(model_path, images):
+    result = invoke("segment", images / "b.png", "-m", model_path, "-b", "-10,-5,500,500")
+    assert result.exit_code == 0
+    assert records(result.stdout)[0]["prompts"] == [{"box": [0.0, 0.0, 70.0, 90.0]}]
+    result = invoke("segment", images / "b.png", "-m", model_path, "-p", "500,10")
+    assert_one_line_error(result, "b.png", "outside the 70x90 image")
+
+
+@pytest.mark.parametrize(
+    "args, fragments, code",
+    [
+        (["missing.jpg", "-b", "0,0,5,5"], ["missing.jpg", "no such file"], 1),
+        (["IMG", "-b", "1,2,3"], ["malformed --box", "'1,2,3'"], 2),
+        (["IMG", "-b", "5,5,1,1"], ["x1 > x0"], 2),
+        (["IMG", "-p", "1,x"], ["malformed --point"], 2),
+        (["IMG", "-p", "1,2,7"], ["label must be 1"], 2),
+        (["IMG"], ["no prompts"], 2),
+        (["IMG", "-b", "0,0,5,5", "--model", "sam-z"], ["sam-z", "neither a registered model"], 1),
+        (["IMG", "-b", "0,0,5,5", "--device", "tpu"], ["unknown device 'tpu'"], 1),
+        (["IMG", "-b", "0,0,5,5", "--device", "cuda:7"], ["cuda:7"], 1),
+        (["IMG", "-b", "0,0,5,5", "--format", "png"], ["--out"], 2),
+        (["IMG", "-b", "0,0,5,5", "--overlay"], ["--out"], 2),
+        (["IMG", "-b", "0,0,5,5", "-p", "1,1", "-b", "1,1,4,4"], ["ambiguous"], 2),
+        (["IMG", "--prompts", "nope.json"], ["nope.json"], 1),
+    ],
+)
+def test_bad_input_gives_one_clear_line(model_path, images, args, fragments, code):
+    args = [str(images / "a.jpg") if a == "IMG" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", str(model_path)]
+    result = invoke("segment", *args)
+    assert_one_line_error(result, *fragments, code=code)
+
+
+def test_unreadable_image_alone_fails(model_path, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = invoke("segment", bad, "-m", model_path, "-b", "0,0,5,5")
+    assert result.exit_code == 1 and "bad.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_process_has_no_traceback_for_bad_model(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "slimseg", "segment", str(tmp_path), "-b", "0,0,5,5", "-m",
+                                "nope"], capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_reported_per_image(model_path, images, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    result = invoke("segment", images / "a.jpg", "-m", model_path, "-b", "0,0,30,30", "--out", blocker)
+    assert result.exit_code == 1 and "cannot write output" in result.stderr and "a.jpg" in result.stderr
+    assert blocker.read_text() == "a file where the output folder should be"

@@ -1,0 +1,77 @@
+"""Prompt parsing, prompts files, fitting prompts to the image, batched decoding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo, tiny_config
+
+import slimseg
+from slimseg.errors import SlimsegError, UsageError
+from slimseg.inference.prompts import Prompt, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
+
+
+def test_options_make_one_object_per_box_and_one_for_all_points():
+    assert prompts_from_options(["0,0,10,10", "5,5,20,20"], []) == [Prompt(box=(0, 0, 10, 10)), Prompt(box=(5, 5, 20, 20))]
+    assert prompts_from_options(["0,0,10,10"], ["3,4", "5,6,0"]) == [Prompt(((3, 4), (5, 6)), (1, 0), (0, 0, 10, 10))]
+    with pytest.raises(UsageError):
+        prompts_from_options([" 1, 2 ,3,inf"], [])
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("not json", "not valid JSON"),
+        ('{"a.jpg": {"box": [1, 2, 3, 4]}}', "must be a list of prompts"),
+        ('[{"box": [1, 2, 3]}]', "malformed 'box'"),
+        ('[{"box": 5}]', "[0]"),
+        ('[{"points": [[1, 2, 3]]}]', "label must be 1"),
+        ('[{"mask": []}]', "'box' and/or 'points'"),
+        ("[{}]", "'box' and/or 'points'"),
+    ],
+)
+def test_bad_prompts_files_name_the_file_and_the_entry(tmp_path, content, fragment):
+    path = tmp_path / "prompts.json"
+    path.write_text(content)
+    with pytest.raises(SlimsegError) as caught:
+        load_prompts_file(path)
+    assert str(path) in str(caught.value) and fragment in str(caught.value)
+
+
+def test_prompts_file_shapes(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"x.jpg": [{"points": [[1, 2]]}]}))
+    assert load_prompts_file(path) == {"x.jpg": [Prompt(((1.0, 2.0),), (1,))]}
+
+
+def test_fit_to_image_clips_boxes_and_refuses_points():
+    assert fit_to_image(Prompt(box=(-5, 10, 500, 40)), 100, 200).box == (0, 10, 200, 40)
+    with pytest.raises(SlimsegError, match="outside the 200x100 image"):
+        fit_to_image(Prompt(box=(300, 0, 400, 50)), 100, 200)
+    with pytest.raises(SlimsegError, match=r"point \(201, 5\)"):
+        fit_to_image(Prompt(((201, 5),), (1,)), 100, 200)
+
+
+def test_batched_decoding_equals_one_prompt_at_a_time():
+    model = slimseg.build_model(tiny_config())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    predictor = slimseg.Predictor(model)
+    predictor.set_image(photo(100, 150))
+    prompts = [Prompt(box=(10, 10, 80, 90)), Prompt(((30, 40),), (1,)), Prompt(box=(50, 5, 140, 60)),
+               Prompt(((60, 50), (20, 20)), (1, 0), (5, 5, 100, 95)), Prompt(((100, 70),), (0,))]
+    results = predict_prompts(predictor, prompts, multimask_output=True)
+    assert [r.prompt for r in results] == prompts
+    for result in results:
+        kwargs = {}
+        if result.prompt.points:
+            kwargs = dict(point_coords=np.array(result.prompt.points), point_labels=np.array(result.prompt.labels))
+        if result.prompt.box:
+            kwargs["box"] = np.array(result.prompt.box)
+        masks, scores, _ = predictor.predict(**kwargs, multimask_output=True)
+        np.testing.assert_allclose(result.scores, scores, atol=1e-5)
+        assert (result.masks != masks).mean() < 1e-3
