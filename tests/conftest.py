@@ -30,6 +30,15 @@ def _deterministic() -> None:
     torch.set_num_threads(2)
 
 
+def real_photo() -> np.ndarray:
+    """A real photograph (Grace Hopper, 512x600, shipped with matplotlib) as HxWx3 uint8 RGB."""
+    from importlib.resources import files
+
+    from slimseg.data.images import read_image
+
+    return read_image(files("matplotlib") / "mpl-data" / "sample_data" / "grace_hopper.jpg")
+
+
 def photo(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
     """A photo-like HxWx3 uint8 image: smooth gradients, shapes and noise, so masks vary."""
     rng = np.random.default_rng(seed)

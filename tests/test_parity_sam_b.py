@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import photo
+from conftest import real_photo
 from reference import randomise, reference_sam
 
 import slimseg
@@ -18,11 +18,11 @@ from slimseg.modeling.sam import sam_b_config
 pytestmark = pytest.mark.slow
 
 PROMPTS = {
-    "one point": dict(point_coords=np.array([[320.0, 240.0]]), point_labels=np.array([1])),
-    "points with a negative": dict(point_coords=np.array([[320.0, 240.0], [100.0, 80.0], [500, 400]]),
+    "one point": dict(point_coords=np.array([[256.0, 300.0]]), point_labels=np.array([1])),
+    "points with a negative": dict(point_coords=np.array([[256.0, 300.0], [100.0, 80.0], [400, 520]]),
                                    point_labels=np.array([1, 0, 1])),
-    "box": dict(box=np.array([120.0, 90.0, 520.0, 400.0])),
-    "box and point": dict(box=np.array([120.0, 90.0, 520.0, 400.0]), point_coords=np.array([[300.0, 200.0]]),
+    "box": dict(box=np.array([100.0, 90.0, 420.0, 500.0])),
+    "box and point": dict(box=np.array([100.0, 90.0, 420.0, 500.0]), point_coords=np.array([[300.0, 200.0]]),
                           point_labels=np.array([0])),
 }
 
@@ -36,7 +36,7 @@ def predictors(tmp_path_factory):
     state = randomise(reference)
     checkpoint = tmp_path_factory.mktemp("sam_b") / "sam_vit_b_random.pth"
     torch.save(state, checkpoint)
-    image = photo(480, 640)
+    image = real_photo()
     theirs = SamPredictor(reference)
     ours = slimseg.Predictor(slimseg.load_model(checkpoint, device="cpu"))
     with torch.no_grad():
@@ -65,6 +65,10 @@ def test_predict_matches(predictors, name, multimask):
     assert our_low.shape == their_low.shape == ((3 if multimask else 1), 256, 256)
     assert _relative_error(our_low, their_low) <= 1e-3
     np.testing.assert_allclose(our_iou, their_iou, atol=1e-4)
+    # Random weights can put a whole mask on one side of 0; thresholds at the logits' quartiles
+    # make sure that full-size masks with real boundaries agree too.
+    for level in np.quantile(their_logits, [0.25, 0.5, 0.75]):
+        assert ((our_logits > level) != (their_logits > level)).mean() < 1e-4
     their_masks, _, _ = theirs.predict(**kwargs)
     our_masks, _, _ = ours.predict(**kwargs)
     assert our_masks.dtype == their_masks.dtype == bool and our_masks.shape == their_masks.shape
@@ -87,7 +91,7 @@ def test_mask_input_matches(predictors):
 
 def test_predict_torch_many_boxes_matches(predictors):
     theirs, ours = predictors
-    boxes = np.array([[120, 90, 520, 400], [0, 0, 200, 200], [300, 250, 639, 479]], dtype=float)
+    boxes = np.array([[100, 90, 420, 500], [0, 0, 200, 200], [300, 250, 511, 599]], dtype=float)
     their_boxes = theirs.transform.apply_boxes_torch(torch.as_tensor(boxes), theirs.original_size)
     our_boxes = ours.transform.apply_boxes_torch(torch.as_tensor(boxes), ours.original_size)
     torch.testing.assert_close(our_boxes, their_boxes.float())

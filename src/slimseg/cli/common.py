@@ -47,12 +47,12 @@ def user_errors() -> Iterator[None]:
 
 DeviceOption = Annotated[
     str,
-    typer.Option("--device", "-d", help="Where to run: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.",
+    typer.Option("--device", "-d", metavar="DEVICE", help="Where to run: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.",
                  envvar="SLIMSEG_DEVICE", show_default=True),
 ]
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", "-m", help="Registered model name (see `slimseg models`) or a checkpoint path "
+    typer.Option("--model", "-m", metavar="NAME|PATH", help="Registered model name (see `slimseg models`) or a checkpoint path "
                  "(segment-anything .pth or slimseg .safetensors).", show_default=True),
 ]
