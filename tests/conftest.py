@@ -11,7 +11,18 @@ import pytest
 import torch
 
 if importlib.util.find_spec("torchvision") is None:
-    sys.path.insert(0, str(Path(__file__).parent / "reference_stubs"))
+    # segment-anything binds the stand-in's functions at import; the stand-in is then hidden
+    # again so that transformers does not mistake it for the real torchvision.
+    _STUBS = str(Path(__file__).parent / "reference_stubs")
+    sys.path.insert(0, _STUBS)
+    try:
+        import segment_anything  # noqa: F401
+    finally:
+        sys.path.remove(_STUBS)
+        for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[_name]
+
+from loopback import server  # noqa: E402,F401  (fixture shared by the download tests)
 
 from slimseg.modeling.sam import SamConfig, sam_vit_config  # noqa: E402
 

@@ -8,6 +8,7 @@ import typer
 
 from slimseg import __version__
 from slimseg.cli.common import State, error_line
+from slimseg.cli.models import convert, info, models
 from slimseg.cli.segment import segment
 
 app = typer.Typer(
@@ -36,6 +37,9 @@ def _global_options(
 
 
 app.command(no_args_is_help=True)(segment)
+app.command()(models)
+app.command(no_args_is_help=True)(info)
+app.command(no_args_is_help=True)(convert)
 
 _PLANNED = {
     "prune": "SlimSAM structural pruning (alternate slimming, disturbed Taylor importance)",

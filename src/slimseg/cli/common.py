@@ -56,3 +56,10 @@ ModelOption = Annotated[
     typer.Option("--model", "-m", metavar="NAME|PATH", help="Registered model name (see `slimseg models`) or a checkpoint path "
                  "(segment-anything .pth or slimseg .safetensors).", show_default=True),
 ]
+
+OfflineOption = Annotated[
+    bool,
+    typer.Option("--offline", envvar="SLIMSEG_OFFLINE",
+                 help="Never download: a registered model that is not cached is an error naming the file to fetch "
+                 "and where to put it. Also set by SLIMSEG_OFFLINE=1."),
+]

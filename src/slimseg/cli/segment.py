@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from slimseg.cli.common import DeviceOption, ModelOption, console, error_line, user_errors
+from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, console, error_line, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
@@ -104,6 +104,7 @@ def segment(
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png: the best mask of each prompt in colour, prompts drawn (needs --out).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     device: DeviceOption = "auto",
+    offline: OfflineOption = False,
 ) -> None:
     """Segment objects given by box and point prompts, one JSON line per image on stdout.
 
@@ -121,7 +122,7 @@ def segment(
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
         target = resolve_device(device)
-        predictor = Predictor(load_model(model, device=target))
+        predictor = Predictor(load_model(model, device=target, offline=offline))
         failures = _run(inputs, source, predictor, fmt, out, overlay, multimask)
         if failures:
             if len(inputs) > 1:

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from slimseg import __version__
 from slimseg.errors import SlimsegError
 from slimseg.io import atomic_output
 from slimseg.modeling.sam import Sam, SamConfig
+from slimseg.zoo.hf_layout import apply_hf_config, hf_to_sam_layout, looks_like_hf_state_dict, read_hf_config
+from slimseg.zoo.pickled import read_pickled_module_state, strip_data_parallel
 from slimseg.zoo.sam_layout import StateDict, infer_sam_config, looks_like_sam_state_dict, split_fused_qkv
 
 NATIVE_FORMAT = "slimseg"
@@ -25,6 +27,7 @@ FORMAT_METADATA_KEY = "slimseg.format"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 _NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,10 @@ class LoadedCheckpoint:
 
     state_dict: StateDict
     config: SamConfig
-    format: str  # "slimseg" | "segment-anything"
+    format: str  # one of FORMATS
+
+
+FORMATS = ("slimseg", "segment-anything", "transformers", "pickled-model")
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -43,28 +49,24 @@ def _is_safetensors(head: bytes) -> bool:
     return 0 < header_length < 100_000_000 and head[8:9] == b"{"
 
 
-def _read_safetensors(path: Path) -> LoadedCheckpoint:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path), device="cpu")
+        return load_file(str(path), device="cpu"), metadata
     except (SafetensorError, OSError, ValueError) as error:
         raise SlimsegError(f"{path}: corrupt or truncated safetensors file ({error})") from None
-    if CONFIG_METADATA_KEY in metadata:
-        return LoadedCheckpoint(tensors, SamConfig.from_json(metadata[CONFIG_METADATA_KEY]), NATIVE_FORMAT)
-    return _from_sam_layout(path, tensors)
 
 
-def _read_torch(path: Path) -> LoadedCheckpoint:
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A torch file's tensors: a state dict through ``weights_only``, or a pickled whole model
+    through slimseg's restricted unpickler, which imports and runs nothing from the file."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: torch.load would pick a loader by the file's suffix.
+        with path.open("rb") as handle:
+            payload = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise SlimsegError(
-            f"{path}: holds pickled Python objects (a whole model saved with torch.save(model)?), "
-            "which slimseg refuses to unpickle; save its state_dict() instead"
-        ) from None
+        return read_pickled_module_state(path), "pickled-model"
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SlimsegError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
@@ -73,33 +75,50 @@ def _read_torch(path: Path) -> LoadedCheckpoint:
             payload = payload[key]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise SlimsegError(f"{path}: not a state dict of tensors")
-    return _from_sam_layout(path, payload)
+    return payload, "segment-anything"
 
 
-def _from_sam_layout(path: Path, tensors: dict[str, torch.Tensor]) -> LoadedCheckpoint:
+def _weights_file_in_folder(folder: Path) -> Path:
+    for name in _HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise SlimsegError(f"{folder}: folder holds no {' or '.join(_HF_WEIGHT_FILES)}")
+
+
+def _to_slimseg_layout(path: Path, tensors: dict[str, torch.Tensor], fmt: str, source: Path) -> LoadedCheckpoint:
+    tensors = strip_data_parallel(tensors)
+    hf_config = None
+    if looks_like_hf_state_dict(tensors):
+        tensors, fmt = hf_to_sam_layout(tensors), "transformers"
+        hf_config = read_hf_config(source)
     if not looks_like_sam_state_dict(tensors):
-        raise SlimsegError(f"{path}: unrecognised checkpoint layout (no image_encoder/mask_decoder keys)")
+        raise SlimsegError(f"{path}: unrecognised checkpoint layout (no SAM image encoder and mask decoder tensors)")
     state_dict = split_fused_qkv({k: v for k, v in tensors.items() if k not in ("pixel_mean", "pixel_std")})
-    return LoadedCheckpoint(state_dict, infer_sam_config(state_dict), "segment-anything")
+    config = apply_hf_config(infer_sam_config(state_dict), hf_config, source)
+    return LoadedCheckpoint(state_dict, config, fmt)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint file of any supported format into slimseg's layout.
+    """Read a checkpoint of any supported format into slimseg's layout; see docs/models.md.
 
-    Supported: slimseg safetensors (config in the metadata), segment-anything state dicts
-    (``.pth``, fused or split q/k/v) and SAM-layout safetensors without metadata.
+    The format comes from the bytes: slimseg safetensors (config in the metadata),
+    segment-anything state dicts (fused or split q/k/v, ``.pth`` or safetensors), transformers
+    SamModel files or folders, and pickled whole models such as SlimSAM's original release.
     """
-    path = Path(path)
-    if not path.exists():
-        raise SlimsegError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise SlimsegError(f"{path}: is a directory, not a checkpoint file")
+    source = Path(path)
+    if not source.exists():
+        raise SlimsegError(f"{source}: no such checkpoint file")
+    path = _weights_file_in_folder(source) if source.is_dir() else source
     with path.open("rb") as handle:
         head = handle.read(16)
     if _is_safetensors(head):
-        return _read_safetensors(path)
+        tensors, metadata = _read_safetensors(path)
+        if CONFIG_METADATA_KEY in metadata:
+            return LoadedCheckpoint(tensors, SamConfig.from_json(metadata[CONFIG_METADATA_KEY]), NATIVE_FORMAT)
+        return _to_slimseg_layout(path, tensors, "segment-anything", source)
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2_PLUS):
-        return _read_torch(path)
+        tensors, fmt = _read_torch(path)
+        return _to_slimseg_layout(path, tensors, fmt, source)
     if not head:
         raise SlimsegError(f"{path}: empty file, not a checkpoint")
     raise SlimsegError(f"{path}: not a checkpoint (neither safetensors nor a torch file)")

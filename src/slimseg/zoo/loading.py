@@ -10,28 +10,47 @@ from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError
 from slimseg.modeling.sam import Sam, SamConfig
 from slimseg.zoo.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint
-from slimseg.zoo.registry import cached_weights, get_spec, is_model_name
+from slimseg.zoo.download import download_file, mirror_url
+from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_model_name, spec_config
 
 
 def build_model(name_or_config: str | SamConfig, device: str | torch.device = "cpu") -> Sam:
     """A randomly initialised model of a registered architecture (or of an explicit config)."""
-    config = name_or_config if isinstance(name_or_config, SamConfig) else get_spec(name_or_config).config()
+    config = name_or_config if isinstance(name_or_config, SamConfig) else spec_config(get_spec(name_or_config))
     return Sam(config).to(resolve_device(device)).eval()
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "auto") -> Sam:
-    """Load a model by registry name or from a checkpoint file, in eval mode on ``device``.
+def fetch_weights(spec: ModelSpec, offline: bool = False) -> Path:
+    """The cached weight file of a named model, downloaded and verified first if missing."""
+    path = cache_path(spec)
+    if spec.weights is None or path is None:
+        raise SlimsegError(f"{spec.name} has no weights to download: {spec.how_to_get}")
+    if path.is_file():
+        return path
+    return download_file(mirror_url(spec.weights.url, spec.weights.filename), path, spec.weights.sha256,
+                         offline=offline)
 
-    The device is checked before anything is read. Checkpoint formats are detected from
-    the file content (see :mod:`slimseg.zoo.checkpoint`).
-    """
-    target = resolve_device(device)
+
+def resolve_checkpoint(name_or_path: str | Path, offline: bool = False) -> Path:
+    """A checkpoint path for a registry name (fetching it if needed) or an existing path."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if not path.exists() and is_model_name(text):
-        path = cached_weights(get_spec(text))
-    elif not path.exists():
-        raise SlimsegError(f"{text}: neither a registered model name nor an existing checkpoint file")
+    if path.exists():
+        return path
+    if is_model_name(text):
+        return fetch_weights(get_spec(text), offline=offline)
+    raise SlimsegError(f"{text}: neither a registered model name nor an existing checkpoint file")
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "auto", offline: bool = False) -> Sam:
+    """Load a model by registry name or from a checkpoint file or folder, in eval mode on ``device``.
+
+    The device is checked before anything is read or downloaded. Registered weights are
+    downloaded into the cache on first use (``offline=True`` or ``SLIMSEG_OFFLINE=1`` forbids
+    it). Checkpoint formats are detected from the content (see docs/models.md).
+    """
+    target = resolve_device(device)
+    path = resolve_checkpoint(name_or_path, offline=offline)
     checkpoint = read_checkpoint(path)
     model = Sam(checkpoint.config)
     load_state_dict_strict(model, checkpoint.state_dict, path)

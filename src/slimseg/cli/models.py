@@ -1,0 +1,91 @@
+"""``slimseg models``, ``slimseg info`` and ``slimseg convert``: the model zoo from the shell."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimseg.cli.common import ModelOption, OfflineOption, user_errors
+from slimseg.errors import UsageError
+from slimseg.zoo import load_model, save_model
+from slimseg.zoo.checkpoint import read_checkpoint
+from slimseg.zoo.info import describe, registry_rows
+from slimseg.zoo.loading import resolve_checkpoint
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+_stdout = Console(soft_wrap=True, highlight=False)
+
+
+def _millions(value: int | None) -> str:
+    return "from file" if value is None else f"{value / 1e6:.2f} M"
+
+
+def models(as_json: JsonOption = False) -> None:
+    """List the registered models: parameters, input size, weight source, licence, cache state."""
+    with user_errors():
+        rows = registry_rows()
+        if as_json:
+            sys.stdout.write(json.dumps(rows) + "\n")
+            return
+        table = Table("name", "parameters", "input", "cached", "licence", "weights from")
+        for row in rows:
+            table.add_row(row["name"], _millions(row["parameters"]),
+                          f"{row['input_size']} px" if row["input_size"] else "from file",
+                          "yes" if row["cached"] else "no", row["license"], row["origin"])
+        _stdout.print(table)
+
+
+def info(
+    model: Annotated[str, typer.Argument(metavar="NAME|PATH", help="Registered model name or checkpoint file/folder.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Format, architecture with widths per block, parameters per part, MACs and sha256 of a model."""
+    with user_errors():
+        report = describe(model)
+        if as_json:
+            sys.stdout.write(json.dumps(report) + "\n")
+            return
+        parameters, macs, arch = report["parameters"], report["macs"], report["architecture"]
+        lines = [
+            f"model       {report['model']}",
+            f"format      {report['format']}",
+            f"path        {report['path'] or '-'}",
+            f"sha256      {report['sha256'] or '-'}",
+            f"input       {report['input_size']} x {report['input_size']} px",
+            f"encoder     embed {arch['embed_dim']}, {arch['depth']} blocks, global attention in "
+            f"{arch['global_attn_indexes']}",
+            "parameters  " + ", ".join(f"{part} {_millions(count)}" for part, count in parameters.items()),
+            f"MACs        image encoder {macs['image_encoder']['layers'] / 1e9:.2f} G in conv/linear layers "
+            f"+ {macs['image_encoder']['attention'] / 1e9:.2f} G attention; decoder "
+            f"{macs['decoder_per_prompt'] / 1e9:.2f} G per prompt",
+        ]
+        table = Table("block", "heads", "q/k width", "v width", "MLP width", "attention")
+        for index, block in enumerate(arch["blocks"]):
+            window = "global" if block["window"] == "global" else f"window {block['window']}"
+            table.add_row(str(index), str(block["heads"]), str(block["qk_dim"]), str(block["v_dim"]),
+                          str(block["mlp_dim"]), window)
+        _stdout.print("\n".join(lines))
+        _stdout.print(table)
+
+
+def convert(
+    source: Annotated[str, typer.Argument(metavar="NAME|PATH", help="Registered model name or checkpoint file/folder in any supported format.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write slimseg safetensors (.safetensors).", show_default=False)],
+    offline: OfflineOption = False,
+) -> None:
+    """Convert any supported checkpoint to slimseg safetensors (architecture in the metadata)."""
+    with user_errors():
+        if out.suffix != ".safetensors":
+            raise UsageError(f"--out {out}: the file name must end in .safetensors")
+        path = resolve_checkpoint(source, offline=offline)
+        if out.exists() and out.resolve() == path.resolve():
+            raise UsageError(f"--out {out} would overwrite the checkpoint being converted")
+        fmt = read_checkpoint(path).format
+        written = save_model(load_model(path, device="cpu"), out)
+        sys.stdout.write(json.dumps({"source": str(path), "format": fmt, "out": str(written)}) + "\n")

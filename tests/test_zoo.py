@@ -1,0 +1,144 @@
+"""Registered names end to end: download into the cache, load, list, describe, convert."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import photo, tiny_config
+from loopback import Route
+from PIL import Image
+from reference import randomise, reference_sam
+from typer.testing import CliRunner
+
+import slimseg
+from slimseg.cli.app import app
+from slimseg.errors import SlimsegError
+from slimseg.zoo.checkpoint import read_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def mirror(server, monkeypatch, tmp_path):
+    """The loopback server as the model mirror and an empty cache."""
+    monkeypatch.setenv("SLIMSEG_BASE_URL", f"{server.base}/models")
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path / "cache"))
+    return server
+
+
+@pytest.fixture()
+def image(tmp_path) -> str:
+    Image.fromarray(photo(64, 80)).save(tmp_path / "img.png")
+    return str(tmp_path / "img.png")
+
+
+@pytest.fixture(scope="module")
+def sam_layout_bytes(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("weights") / "w.pth"
+    torch.save(randomise(reference_sam(tiny_config()), seed=5), path)
+    return path.read_bytes()
+
+
+def _cache_files(tmp_path):
+    folder = tmp_path / "cache"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+
+def test_hub_model_downloads_verifies_and_loads(mirror, tmp_path, sam_layout_bytes):
+    digest = hashlib.sha256(sam_layout_bytes).hexdigest()
+    mirror.routes["/models/slimsam-77-uniform.safetensors"] = Route(
+        body=sam_layout_bytes, headers={"X-Linked-Etag": f'"{digest}"'})
+    model = slimseg.load_model("slimsam-77", device="cpu")
+    assert model.config == tiny_config()
+    assert _cache_files(tmp_path) == ["slimsam-77-uniform.safetensors"]
+    slimseg.load_model("slimsam-77", device="cpu")  # second time from the cache
+    assert mirror.requests == ["/models/slimsam-77-uniform.safetensors"]
+    listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert {row["name"]: row["cached"] for row in listing}["slimsam-77"] is True
+
+
+def test_pinned_sha256_mismatch_leaves_no_file(mirror, tmp_path, sam_layout_bytes):
+    mirror.routes["/models/sam_vit_b_01ec64.pth"] = Route(body=sam_layout_bytes)
+    with pytest.raises(SlimsegError, match="sha256 mismatch .* the file was deleted"):
+        slimseg.load_model("sam-b", device="cpu")
+    assert _cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("route", [Route(status=500, body=b"oops"),
+                                   Route(body=b"x" * 4096, behaviour="cut",
+                                         headers={"X-Linked-Etag": '"' + "0" * 64 + '"'})])
+def test_server_errors_leave_no_file_and_say_so(mirror, tmp_path, route, image):
+    mirror.routes["/models/slimsam-50-uniform.safetensors"] = route
+    result = runner.invoke(app, ["segment", image, "-b", "0,0,5,5", "-m", "slimsam-50"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert ("HTTP 500" in result.stderr) or ("cut off" in result.stderr), result.stderr
+    assert _cache_files(tmp_path) == []
+
+
+def test_offline_names_the_file_and_where_to_put_it(mirror, tmp_path, image):
+    result = runner.invoke(app, ["segment", image, "-b", "0,0,5,5", "-m", "sam-b", "--offline"])
+    assert result.exit_code == 1
+    assert "sam_vit_b_01ec64.pth" in result.stderr and str(tmp_path / "cache") in result.stderr
+    assert mirror.requests == []
+    result = runner.invoke(app, ["segment", image, "-b", "0,0,5,5", "-m", "sam-b"], env={"SLIMSEG_OFFLINE": "1"})
+    assert result.exit_code == 1 and "offline" in result.stderr and mirror.requests == []
+
+
+def test_segment_with_a_registered_name(mirror, tmp_path, sam_layout_bytes):
+    digest = hashlib.sha256(sam_layout_bytes).hexdigest()
+    mirror.routes["/models/slimsam-77-uniform.safetensors"] = Route(
+        body=sam_layout_bytes, headers={"X-Linked-Etag": f'"{digest}"'})
+    Image.fromarray(photo(64, 80)).save(tmp_path / "img.png")
+    result = runner.invoke(app, ["segment", str(tmp_path / "img.png"), "-b", "5,5,60,50", "-m", "slimsam-77"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["masks"]) == 1
+
+
+def test_global_slimsam_names_say_how_to_get_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path))
+    with pytest.raises(SlimsegError, match="download SlimSAM-77.pth .* pass its path to --model"):
+        slimseg.load_model("slimsam-77-global", device="cpu")
+    with pytest.raises(SlimsegError, match="widths that vary per block"):
+        slimseg.build_model("slimsam-50-global")
+
+
+def test_registry_lists_the_papers_models():
+    names = slimseg.list_models()
+    for name in ("sam-b", "slimsam-50", "slimsam-77", "slimsam-50-global", "slimsam-77-global"):
+        assert name in names
+    rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["models", "--json"]).stdout)}
+    assert rows["slimsam-77"]["parameters"] == 9_723_528 and rows["slimsam-50"]["parameters"] == 27_961_776
+    assert rows["sam-b"]["sha256"] == "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
+    table = runner.invoke(app, ["models"])
+    assert table.exit_code == 0 and "slimsam-77" in table.stdout
+
+
+def test_info_reports_widths_parameters_macs_and_sha256(tmp_path):
+    config = tiny_config()
+    path = slimseg.save_model(slimseg.build_model(config), tmp_path / "m.safetensors")
+    report = json.loads(runner.invoke(app, ["info", str(path), "--json"]).stdout)
+    assert report["format"] == "slimseg"
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [b["mlp_dim"] for b in report["architecture"]["blocks"]] == [96] * 4
+    assert report["parameters"]["total"] == sum(p.numel() for p in slimseg.build_model(config).parameters())
+    assert report["macs"]["image_encoder"]["layers"] > 0 and report["macs"]["image_encoder"]["attention"] > 0
+    sam_b = json.loads(runner.invoke(app, ["info", "sam-b", "--json"]).stdout)
+    assert round(sam_b["macs"]["image_encoder"]["layers"] / 1e9, 1) == 368.7  # SlimSAM's counter: 368.86 G
+    text = runner.invoke(app, ["info", str(path)])
+    assert text.exit_code == 0 and "window 8" in text.stdout and "global" in text.stdout
+
+
+def test_convert_any_format_to_slimseg(tmp_path, sam_layout_bytes):
+    source = tmp_path / "sam.pth"
+    source.write_bytes(sam_layout_bytes)
+    result = runner.invoke(app, ["convert", str(source), "--out", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(tmp_path / "out.safetensors").format == "slimseg"
+    bad = runner.invoke(app, ["convert", str(source), "--out", str(tmp_path / "out.bin")])
+    assert bad.exit_code == 2 and ".safetensors" in bad.stderr
+    missing = runner.invoke(app, ["info", str(tmp_path / "nope.pth")])
+    assert missing.exit_code == 1 and "nope.pth" in missing.stderr and "Traceback" not in missing.stderr
