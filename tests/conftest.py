@@ -41,6 +41,19 @@ def _deterministic() -> None:
     torch.set_num_threads(2)
 
 
+def random_tiny_model(seed: int):
+    """``tiny_config()`` with random weights (norms left at identity), so outputs vary."""
+    import slimseg
+
+    model = slimseg.build_model(tiny_config())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
 def real_photo() -> np.ndarray:
     """A real photograph (Grace Hopper, 512x600, shipped with matplotlib) as HxWx3 uint8 RGB."""
     from importlib.resources import files

@@ -8,6 +8,7 @@ import typer
 
 from slimseg import __version__
 from slimseg.cli.common import State, error_line
+from slimseg.cli.compress import distill, prune
 from slimseg.cli.models import convert, info, models
 from slimseg.cli.segment import segment
 
@@ -37,13 +38,13 @@ def _global_options(
 
 
 app.command(no_args_is_help=True)(segment)
+app.command(no_args_is_help=True)(prune)
+app.command(no_args_is_help=True)(distill)
 app.command()(models)
 app.command(no_args_is_help=True)(info)
 app.command(no_args_is_help=True)(convert)
 
 _PLANNED = {
-    "prune": "SlimSAM structural pruning (alternate slimming, disturbed Taylor importance)",
-    "distill": "SlimSAM distillation of a pruned encoder from a teacher",
     "segevery": "segment everything with grid or AutoPPN prompts",
     "eval-coco": "zero-shot COCO evaluation",
     "export": "ONNX export and quantisation",

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from slimseg.cli.common import ModelOption, OfflineOption, user_errors
+from slimseg.cli.common import OfflineOption, user_errors
 from slimseg.errors import UsageError
 from slimseg.zoo import load_model, save_model
 from slimseg.zoo.checkpoint import read_checkpoint

@@ -1,0 +1,117 @@
+"""SlimSAM's alternate slimming: prune one sub-structure, distil, prune the other, distil.
+
+    embedding pruning → bottleneck aligning → bottleneck pruning → embedding aligning
+
+Each pruning step ranks channels with an importance criterion (disturbed Taylor by
+default, whose gradients come from the same distillation objective that follows it).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from slimseg.compress.distill import DistillConfig, distill
+from slimseg.compress.importance import GRADIENT_IMPORTANCES, accumulate_disturbed_gradients, make_importance
+from slimseg.compress.prune import PruneReport, prune_image_encoder
+from slimseg.data.datasets import collate_images
+from slimseg.errors import SlimsegError
+from slimseg.modeling.sam import Sam
+
+STAGE_CHOICES = ("embedding", "bottleneck", "both")
+# After pruning one sub-structure, distillation aligns the features that pruning left intact.
+_ALIGN_AFTER = {"embedding": "bottleneck", "bottleneck": "embedding"}
+DISTURB_SIGMA = 0.01
+
+
+@dataclass(frozen=True)
+class SlimmingPlan:
+    """What ``alternate_slimming`` does; defaults are SlimSAM's."""
+
+    ratio: float
+    stage: str = "both"
+    mode: str = "local"
+    importance: str = "disturbed-taylor"
+    grad_images: int = 1000
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(epochs=20))
+    distill_epochs: int = 20  # per aligning step; 0 prunes only
+
+    def stages(self) -> tuple[str, ...]:
+        if self.stage not in STAGE_CHOICES:
+            raise SlimsegError(f"unknown stage {self.stage!r}: choose one of {', '.join(STAGE_CHOICES)}")
+        return ("embedding", "bottleneck") if self.stage == "both" else (self.stage,)
+
+
+@dataclass
+class SlimmingResult:
+    model: Sam
+    reports: list[PruneReport]
+
+
+def _gradient_batches(data: Dataset, limit: int, device: torch.device,
+                      console: Console | None) -> Iterator[torch.Tensor]:
+    """Up to ``limit`` preprocessed images, one at a time, unreadable ones skipped, with a
+    progress bar on ``console`` (a terminal only)."""
+    loader = DataLoader(data, batch_size=1, shuffle=False, collate_fn=collate_images)
+    batches = itertools.islice((batch["image"].to(device) for batch in loader if batch is not None), limit)
+    console = console or Console(stderr=True)
+    columns = (TextColumn("gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("gradients", total=min(limit, len(data)))
+        for batch in batches:
+            yield batch
+            progress.advance(task)
+
+
+def alternate_slimming(
+    teacher: Sam,
+    data: Dataset,
+    plan: SlimmingPlan,
+    work_dir: Path,
+    device: torch.device,
+    val: Dataset | None = None,
+    console: Console | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> SlimmingResult:
+    """Prune a copy of ``teacher`` by ``plan`` and return it; ``teacher`` is left as it was.
+
+    Distillation runs (one per pruning step when ``plan.distill_epochs > 0``) keep their
+    checkpoints, metrics and loss curves under ``work_dir/<n>-<stage>-aligning``.
+    """
+    stages = plan.stages()
+    if plan.grad_images < 1:
+        raise SlimsegError(f"--grad-images must be >= 1, got {plan.grad_images}")
+    teacher = teacher.to(device).eval()
+    student = copy.deepcopy(teacher)
+    reports = []
+    for index, stage in enumerate(stages, start=1):
+        announce = on_step or (lambda message: None)
+        importance = make_importance(plan.importance, normalizer="gaussian" if plan.mode == "global" else "mean")
+        if plan.importance in GRADIENT_IMPORTANCES:
+            # The reference is the model as it stands before this step (SlimSAM: SAM-B, then
+            # the step-1 model); plain Taylor uses no noise, which needs student != reference.
+            reference = copy.deepcopy(student).eval()
+            sigma = DISTURB_SIGMA if plan.importance == "disturbed-taylor" else 0.0
+            announce(f"step {index}: {plan.importance} gradients over up to {plan.grad_images} images")
+            generator = torch.Generator(device=device).manual_seed(plan.distill.seed + index)
+            accumulate_disturbed_gradients(student.image_encoder, reference.image_encoder,
+                                           _gradient_batches(data, plan.grad_images, device, console), sigma, generator)
+            del reference
+        announce(f"step {index}: pruning the {stage} ({plan.mode}, ratio {plan.ratio})")
+        reports.append(prune_image_encoder(student, plan.ratio, stage, mode=plan.mode, importance=importance))
+        student.zero_grad(set_to_none=True)
+        if plan.distill_epochs > 0:
+            align = _ALIGN_AFTER[stage]
+            announce(f"step {index}: {align} aligning for {plan.distill_epochs} epoch(s)")
+            config = replace(plan.distill, epochs=plan.distill_epochs, align=align)
+            distill(student, teacher, data, work_dir / f"{index}-{align}-aligning", config, val=val,
+                    device=device, console=console)
+    return SlimmingResult(student.eval(), reports)

@@ -1,0 +1,75 @@
+"""The resumable state of a distillation run, stored as ``last.ckpt``.
+
+The file is a plain ``torch.save`` of tensors, numbers, strings, lists and dicts only, so
+``torch.load(path, weights_only=True)`` reads it without running any pickled code. RNG
+states of ``random`` and NumPy are therefore converted to lists rather than pickled tuples.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimseg.errors import SlimsegError
+from slimseg.io import atomic_output
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "capture_rng_state",
+    "load_training_state",
+    "restore_rng_state",
+    "save_training_state",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global RNG state a training step could consume, in weights_only-safe types."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": [str(name), keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; CUDA states are restored only where devices exist."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus the format version) atomically to ``path``."""
+    with atomic_output(path) as temporary:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, temporary)
+
+
+def load_training_state(out_dir: Path) -> dict[str, Any]:
+    """Read ``out_dir/last.ckpt`` safely (weights_only) onto the CPU."""
+    path = out_dir / "last.ckpt"
+    if not path.is_file():
+        raise SlimsegError(f"nothing to resume in {out_dir}: no last.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise SlimsegError(f"{path}: not a readable slimseg training checkpoint ({error})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise SlimsegError(f"{path}: not a slimseg training checkpoint of version {CHECKPOINT_VERSION}")
+    return state

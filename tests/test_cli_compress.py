@@ -1,0 +1,99 @@
+"""``slimseg prune`` and ``slimseg distill`` end to end on a tiny model and a generated SA-1B folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import random_tiny_model
+from typer.testing import CliRunner
+
+import slimseg
+from slimseg.cli.app import app
+from slimseg.data.synthetic import write_sa1b_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return slimseg.save_model(random_tiny_model(3), tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sa1b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sa1b")
+    write_sa1b_folder(root, 4, size=(96, 128), seed=1)
+    return root
+
+
+def test_prune_both_stages_with_distillation_then_segment(teacher_path, sa1b, tmp_path):
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", "--model", str(teacher_path), "--ratio", "0.5", "--data", str(sa1b),
+                                 "--out", str(out), "--grad-images", "2", "--distill-epochs", "1",
+                                 "--val", str(sa1b), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["embed_dim"] == 24
+    assert {(b["qk_dim"], b["mlp_dim"]) for b in summary["blocks"]} == {(24, 48)}
+    # the tiny encoder is mostly its 256-channel neck, which pruning keeps
+    assert summary["after"]["parameters"]["image_encoder"] < summary["before"]["parameters"]["image_encoder"] - 80_000
+    model = slimseg.load_model(out, device="cpu")
+    assert model.config.image_encoder.embed_dim == 24
+    for run in ("1-bottleneck-aligning", "2-embedding-aligning"):
+        assert (tmp_path / "pruned.work" / run / "loss.png").is_file()
+    image = sorted(sa1b.glob("*.jpg"))[0]
+    segmented = runner.invoke(app, ["segment", str(image), "-m", str(out), "-b", "5,5,60,60"])
+    assert segmented.exit_code == 0, segmented.output
+
+
+def test_prune_only_global_bottleneck_gives_multiples_of_heads(teacher_path, sa1b, tmp_path):
+    out = tmp_path / "global.safetensors"
+    result = runner.invoke(app, ["prune", "-m", str(teacher_path), "--ratio", "0.5", "--data", str(sa1b), "--out",
+                                 str(out), "--stage", "bottleneck", "--mode", "global", "--importance", "magnitude",
+                                 "--distill-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    blocks = json.loads(result.stdout)["blocks"]
+    assert all(b["qk_dim"] % 4 == 0 and b["mlp_dim"] % 4 == 0 for b in blocks)
+    assert json.loads(result.stdout)["embed_dim"] == 48
+
+
+def test_distill_and_resume_from_the_command_line(teacher_path, sa1b, tmp_path):
+    student = tmp_path / "student.safetensors"
+    runner.invoke(app, ["prune", "-m", str(teacher_path), "--ratio", "0.5", "--data", str(sa1b), "--out",
+                        str(student), "--stage", "embedding", "--importance", "magnitude", "--distill-epochs", "0"])
+    common = ["distill", "--student", str(student), "--teacher", str(teacher_path), "--data", str(sa1b),
+              "--out", str(tmp_path / "run"), "--align", "bottleneck", "--batch-size", "2", "--grad-accum", "1",
+              "--lr", "1e-3"]
+    first = runner.invoke(app, common + ["--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, common + ["--epochs", "2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads(resumed.stdout)["final"].endswith("final.safetensors")
+    assert slimseg.load_model(tmp_path / "run" / "final.safetensors", device="cpu").config.image_encoder.embed_dim == 24
+
+
+@pytest.mark.parametrize(
+    "args, fragment, code",
+    [
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "x.pth"], ".safetensors", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--mode", "sideways"], "--mode", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--importance", "vibes"], "--importance", 2),
+        (["prune", "--ratio", "0.5", "--data", "NOWHERE", "--out", "OUT"], "nowhere: no such folder", 1),
+        (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "RUN", "--resume"], "nothing to resume", 1),
+        (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "RUN", "--align", "x"], "--align", 2),
+    ],
+)
+def test_bad_compression_input_gives_one_line(teacher_path, sa1b, tmp_path, args, fragment, code):
+    replacements = {"DATA": str(sa1b), "OUT": str(tmp_path / "o.safetensors"), "NOWHERE": str(tmp_path / "nowhere"),
+                    "STUDENT": str(teacher_path), "RUN": str(tmp_path / "run")}
+    args = [replacements.get(a, a) for a in args]
+    if args[0] == "prune":
+        args += ["--model", str(teacher_path)]
+    else:
+        args += ["--teacher", str(teacher_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert fragment in result.stderr and "Traceback" not in result.stderr
