@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, console, error_line, user_errors
+from slimseg.cli.batch import for_each_image
+from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
@@ -123,39 +121,12 @@ def segment(
         inputs = expand_inputs(images, recursive=recursive)
         target = resolve_device(device)
         predictor = Predictor(load_model(model, device=target, offline=offline))
-        failures = _run(inputs, source, predictor, fmt, out, overlay, multimask)
-        if failures:
-            if len(inputs) > 1:
-                error_line(f"{failures} of {len(inputs)} image(s) failed")
-            raise typer.Exit(1)
 
+        def process(image: ImageInput) -> dict:
+            rgb = read_image(image.path)
+            height, width = rgb.shape[:2]
+            image_prompts = [fit_to_image(p, height, width) for p in source.for_image(image)]
+            predictor.set_image(rgb)
+            return _write_outputs(image, rgb, predict_prompts(predictor, image_prompts, multimask), fmt, out, overlay)
 
-def _run(inputs: list[ImageInput], source: PromptSource, predictor: Predictor, fmt: OutputFormat,
-         out: Path | None, overlay: bool, multimask: bool) -> int:
-    failures = 0
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("segmenting", total=len(inputs))
-        for image in inputs:
-            started = time.perf_counter()
-            try:
-                rgb = read_image(image.path)
-                height, width = rgb.shape[:2]
-                image_prompts = [fit_to_image(p, height, width) for p in source.for_image(image)]
-                predictor.set_image(rgb)
-                results = predict_prompts(predictor, image_prompts, multimask)
-                record = _write_outputs(image, rgb, results, fmt, out, overlay)
-            except SlimsegError as error:
-                message = str(error)
-                error_line(message if str(image.path) in message else f"{image.path}: {message}")
-                failures += 1
-            except OSError as error:
-                error_line(f"{image.path}: cannot write output ({error.strerror}: {error.filename})")
-                failures += 1
-            else:
-                record["seconds"] = round(time.perf_counter() - started, 4)
-                sys.stdout.write(json.dumps(record) + "\n")
-                sys.stdout.flush()
-            progress.advance(task)
-    return failures
+        for_each_image(inputs, "segmenting", process)
