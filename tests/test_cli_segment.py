@@ -63,7 +63,7 @@ def test_version_and_module_entry_point():
     assert completed.returncode == 0 and completed.stdout.strip() == f"slimseg {slimseg.__version__}"
 
 
-@pytest.mark.parametrize("name", ["segevery", "eval-coco", "export"])
+@pytest.mark.parametrize("name", ["eval-coco", "export"])
 def test_planned_commands_say_so_and_fail(name):
     result = invoke(name, "--ratio", "0.5")
     assert_one_line_error(result, f"slimseg {name}", "not built yet", code=1)

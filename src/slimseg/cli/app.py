@@ -10,6 +10,7 @@ from slimseg import __version__
 from slimseg.cli.common import State, error_line
 from slimseg.cli.compress import distill, prune
 from slimseg.cli.models import convert, info, models
+from slimseg.cli.segevery import segevery
 from slimseg.cli.segment import segment
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ def _global_options(
 
 
 app.command(no_args_is_help=True)(segment)
+app.command(no_args_is_help=True)(segevery)
 app.command(no_args_is_help=True)(prune)
 app.command(no_args_is_help=True)(distill)
 app.command()(models)
@@ -45,7 +47,6 @@ app.command(no_args_is_help=True)(info)
 app.command(no_args_is_help=True)(convert)
 
 _PLANNED = {
-    "segevery": "segment everything with grid or AutoPPN prompts",
     "eval-coco": "zero-shot COCO evaluation",
     "export": "ONNX export and quantisation",
 }

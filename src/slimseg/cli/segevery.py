@@ -1,0 +1,144 @@
+"""``slimseg segevery``: segment everything, with a 32x32 point grid or AutoPPN's proposals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from slimseg.cli.batch import for_each_image
+from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.inputs import ImageInput, expand_inputs
+from slimseg.data.images import read_image
+from slimseg.devices import resolve_device
+from slimseg.errors import UsageError
+from slimseg.inference.masks import decode_rle
+from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
+from slimseg.zoo import load_model
+
+_METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
+                    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
+
+
+class EveryFormat(str, Enum):
+    rle = "rle"
+    png = "png"
+    coco = "coco"
+
+
+def _metadata_csv(records: list[dict]) -> str:
+    """segment-anything's amg.py metadata.csv, one row per mask."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    buffer.write(_METADATA_HEADER + "\n")
+    for index, record in enumerate(records):
+        writer.writerow([index, record["area"], *record["bbox"], *record["point_coords"][0], record["predicted_iou"],
+                         record["stability_score"], *record["crop_box"]])
+    return buffer.getvalue()
+
+
+class CocoCollector:
+    """COCO-format annotations for a whole run (class-agnostic: one category, "object")."""
+
+    def __init__(self) -> None:
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+
+    def add(self, image: ImageInput, height: int, width: int, records: list[dict]) -> None:
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "file_name": str(image.path), "height": height, "width": width})
+        for record in records:
+            self.annotations.append({
+                "id": len(self.annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                "segmentation": record["segmentation"], "area": record["area"], "bbox": record["bbox"],
+                "score": record["predicted_iou"], "stability_score": record["stability_score"],
+                "point_coords": record["point_coords"],
+            })
+
+    def write(self, path: Path) -> None:
+        payload = {"images": self.images, "annotations": self.annotations,
+                   "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
+        atomic_write_text(path, json.dumps(payload) + "\n")
+
+
+def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict], fmt: EveryFormat, out: Path,
+                         overlay: bool) -> None:
+    masks = [decode_rle(record["segmentation"]) for record in records]
+    if fmt is EveryFormat.rle:
+        atomic_write_text(out / f"{image.key}.json", json.dumps(records) + "\n")
+    elif fmt is EveryFormat.png:
+        for index, mask in enumerate(masks):
+            write_mask_png(out / image.key / f"{index}.png", mask)
+        atomic_write_text(out / image.key / "metadata.csv", _metadata_csv(records))
+    if overlay:
+        # largest first, so small masks stay visible on top
+        order = np.argsort([-record["area"] for record in records], kind="stable")
+        write_image_png(out / f"{image.key}.overlay.png", render_overlay(rgb, [masks[i] for i in order]))
+
+
+def segevery(
+    images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders, quoted globs, or - to read paths from stdin.", show_default=False)],
+    model: ModelOption = "sam-b",
+    sampler: Annotated[str, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam), about 256 instead of 1024.")] = "grid",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for the masks (created if missing); without it only the JSON lines are printed.", show_default=False)] = None,
+    fmt: Annotated[EveryFormat, typer.Option("--format", "-f", help="rle: OUT/<image>.json, a list of SAM records with COCO RLE (as segment-anything's amg.py --convert-to-rle); png: OUT/<image>/<i>.png masks (0/255) + metadata.csv; coco: OUT/annotations.json for the whole run (images, annotations, one 'object' category).")] = EveryFormat.rle,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png with every mask in colour.")] = False,
+    points_per_side: Annotated[Optional[int], typer.Option("--points-per-side", min=1, help="Grid sampler: points per image side (32 → 1024 prompts).", show_default="32")] = 32,
+    points_per_batch: Annotated[int, typer.Option("--points-per-batch", min=1, help="Prompts decoded together (memory vs speed).")] = 64,
+    pred_iou_thresh: Annotated[float, typer.Option("--pred-iou-thresh", help="Keep masks whose predicted IoU is above this (0 disables).")] = 0.88,
+    stability_score_thresh: Annotated[float, typer.Option("--stability-score-thresh", help="Keep masks whose stability score is at least this (0 disables).")] = 0.95,
+    stability_score_offset: Annotated[float, typer.Option("--stability-score-offset", help="Logit offset of the stability score.")] = 1.0,
+    box_nms_thresh: Annotated[float, typer.Option("--box-nms-thresh", help="Box IoU above which duplicate masks are suppressed.")] = 0.7,
+    crop_n_layers: Annotated[int, typer.Option("--crop-n-layers", min=0, help="Extra layers of image crops (layer i has 4^i crops).")] = 0,
+    crop_nms_thresh: Annotated[float, typer.Option("--crop-nms-thresh", help="Box IoU for suppressing duplicates between crops.")] = 0.7,
+    crop_overlap_ratio: Annotated[float, typer.Option("--crop-overlap-ratio", help="Overlap between crops, as a fraction of the image's short side.")] = 512 / 1500,
+    crop_n_points_downscale_factor: Annotated[int, typer.Option("--crop-n-points-downscale-factor", min=1, help="Grid points per side divided by this per crop layer.")] = 1,
+    min_mask_region_area: Annotated[int, typer.Option("--min-mask-region-area", min=0, help="Remove holes and islands smaller than this many pixels (0 disables).")] = 0,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    device: DeviceOption = "auto",
+    offline: OfflineOption = False,
+) -> None:
+    """Segment everything in each image; one JSON line per image (masks, timing) on stdout.
+
+    Options and defaults are segment-anything's automatic mask generator's (tuned for SAM-H;
+    smaller models usually need lower thresholds).
+    """
+    from slimseg.inference.everything import MaskGenerator
+
+    with user_errors():
+        if out is None and (overlay or fmt is not EveryFormat.rle):
+            raise UsageError("--format png/coco and --overlay write files: give --out DIR")
+        inputs = expand_inputs(images, recursive=recursive)
+        target = resolve_device(device)
+        generator = MaskGenerator(
+            load_model(model, device=target, offline=offline), sampler=sampler, points_per_side=points_per_side,
+            points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            min_mask_region_area=min_mask_region_area, output_mode="coco_rle",
+        )
+        coco = CocoCollector() if fmt is EveryFormat.coco else None
+
+        def process(image: ImageInput) -> dict:
+            rgb = read_image(image.path)
+            records = generator.generate(rgb)
+            if out is not None:
+                _write_image_outputs(image, rgb, records, fmt, out, overlay)
+            if coco is not None:
+                coco.add(image, rgb.shape[0], rgb.shape[1], records)
+            timings = {name: round(value, 4) for name, value in getattr(generator, "last_timings", {}).items()}
+            return {"image": str(image.path), "width": rgb.shape[1], "height": rgb.shape[0], "masks": len(records),
+                    "sampler": sampler, "timings": timings}
+
+        try:
+            for_each_image(inputs, "segmenting everything", process)
+        finally:
+            if coco is not None:
+                coco.write(out / "annotations.json")

@@ -1,0 +1,312 @@
+"""``MaskGenerator``: segment everything in an image, as segment-anything's
+``SamAutomaticMaskGenerator`` does (same arguments, filters, order and records), with the
+prompts taken from a point grid or from an AutoPPN point proposer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimseg.errors import SlimsegError
+from slimseg.inference.everything.boxes import (
+    batched_mask_to_box,
+    batched_nms,
+    box_area,
+    box_xyxy_to_xywh,
+    is_box_near_crop_edge,
+    uncrop_boxes_xyxy,
+    uncrop_points,
+)
+from slimseg.inference.everything.crops import generate_crop_boxes, uncrop_masks
+from slimseg.inference.everything.data import MaskBatch, stability_score
+from slimseg.inference.everything.options import check_generator_options
+from slimseg.inference.everything.rle import (
+    area_from_rle,
+    coco_encode_rle,
+    mask_to_rle,
+    remove_small_regions,
+    rle_to_mask,
+)
+from slimseg.inference.predictor import Predictor
+
+__all__ = ["MaskGenerator", "PointProposer"]
+
+# (image crop HxWx3 uint8 RGB, predictor with that crop set) -> (N, 2) XY points in crop pixels.
+PointProposer = Callable[[np.ndarray, Predictor], np.ndarray]
+
+TIMING_KEYS = ("encoder", "proposer", "decoder", "postprocess", "total")
+
+
+class _Clock:
+    """Seconds per named stage; waits for queued GPU work so each stage is charged its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(TIMING_KEYS, 0.0)
+        self.started = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+        return time.perf_counter()
+
+    def charge(self, stage: str, since: float) -> None:
+        self.seconds[stage] += self.now() - since
+
+    def finish(self) -> dict[str, float]:
+        total = self.now() - self.started
+        measured = self.seconds["encoder"] + self.seconds["proposer"] + self.seconds["decoder"]
+        return {**self.seconds, "postprocess": max(total - measured, 0.0), "total": total}
+
+
+class MaskGenerator:
+    """Masks for everything in an image.
+
+    With ``sampler="grid"`` (the default) every argument means what it means for
+    segment-anything's ``SamAutomaticMaskGenerator`` and the records are the same.
+    ``sampler="autoppn"`` replaces each crop's point grid by the points of
+    ``point_proposer(crop, predictor)`` (called after the crop is embedded), or of the
+    model's own AutoPPN (``model.propose_points``, lite-sam) when no proposer is given.
+
+    ``last_timings`` holds seconds per stage of the latest ``generate`` call
+    (encoder, proposer, decoder, postprocess, total).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Sequence[np.ndarray] | None = None,
+        min_mask_region_area: float = 0,
+        output_mode: str = "binary_mask",
+        sampler: str = "grid",
+        point_proposer: PointProposer | None = None,
+    ) -> None:
+        if not all(hasattr(model, part) for part in ("image_encoder", "prompt_encoder", "mask_decoder")):
+            raise SlimsegError(f"MaskGenerator needs a SAM-family model, got {type(model).__name__}")
+        self.point_grids = check_generator_options(
+            points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids, min_mask_region_area=min_mask_region_area, output_mode=output_mode,
+            sampler=sampler, point_proposer=point_proposer,
+        )
+        if sampler == "autoppn" and point_proposer is None:
+            point_proposer = _model_proposer(model)
+        self.predictor = Predictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.sampler = sampler
+        self.point_proposer = point_proposer
+        self.last_timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Records for the masks of an HxWx3 uint8 RGB image, in segment-anything's schema:
+        segmentation (per ``output_mode``), area, bbox [x, y, w, h], predicted_iou,
+        point_coords [[x, y]], stability_score, crop_box [x, y, w, h]."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise SlimsegError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+        if min(image.shape[:2]) < 1:
+            raise SlimsegError(f"the image is empty: shape {image.shape}")
+        clock = _Clock(self.predictor.device)
+        data = self._generate_masks(image, clock)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+        records = self._records(data)
+        self.last_timings = clock.finish()
+        return records
+
+    def generate_timed(self, image: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """``generate`` plus the seconds spent per stage (see ``last_timings``)."""
+        records = self.generate(image)
+        return records, dict(self.last_timings)
+
+    def _generate_masks(self, image: np.ndarray, clock: _Clock) -> MaskBatch:
+        height, width = image.shape[:2]
+        crop_boxes, layers = generate_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
+        data = MaskBatch()
+        for crop_box, layer in zip(crop_boxes, layers):
+            data.extend(self._process_crop(image, crop_box, layer, clock))
+        if len(crop_boxes) > 1 and len(data) > 0:
+            # A mask found in several crops is kept from the smallest crop: the encoder saw
+            # it there at the highest resolution.
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(data["boxes"].float(), scores, torch.zeros(len(data)), self.crop_nms_thresh)
+            data.filter(keep)
+        data.to_numpy()
+        return data
+
+    def _crop_points(self, crop: np.ndarray, layer: int, clock: _Clock) -> np.ndarray:
+        """(N, 2) float64 XY prompt points in crop pixels."""
+        if self.sampler == "grid":
+            return self.point_grids[layer] * np.array(crop.shape[1::-1])[None, :]
+        since = clock.now()
+        points = np.asarray(self.point_proposer(crop, self.predictor), dtype=np.float64)
+        clock.charge("proposer", since)
+        if points.size == 0:
+            return np.zeros((0, 2))
+        if points.ndim != 2 or points.shape[1] != 2 or not np.all(np.isfinite(points)):
+            raise SlimsegError(f"the point proposer must return finite (N, 2) XY points, got shape {points.shape}")
+        return points
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, clock: _Clock) -> MaskBatch:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        since = clock.now()
+        self.predictor.set_image(crop)
+        clock.charge("encoder", since)
+        points = self._crop_points(crop, layer, clock)
+
+        data = _empty_batch(self.predictor.device)
+        step = self.points_per_batch
+        for start in range(0, len(points), step):
+            data.extend(self._process_batch(points[start : start + step], crop_box, image.shape, clock))
+        self.predictor.reset_image()
+
+        keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data)), self.box_nms_thresh)
+        data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor(crop_box, dtype=torch.long).repeat(len(data), 1)
+        return data
+
+    def _process_batch(
+        self, points: np.ndarray, crop_box: list[int], image_shape: tuple[int, ...], clock: _Clock
+    ) -> MaskBatch:
+        """Decode one batch of points (crop pixels) and keep the masks that pass the filters."""
+        device = self.predictor.device
+        height, width = image_shape[:2]
+        crop_size = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
+        since = clock.now()
+        # float64 as segment-anything feeds them (the prompt encoder normalises before its
+        # float32 cast); MPS has no float64.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), dtype=dtype, device=device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
+        logits, iou_preds, _ = self.predictor.predict_torch(
+            coords[:, None, :], labels[:, None], multimask_output=True, return_logits=True
+        )
+        clock.charge("decoder", since)
+
+        per_point = logits.shape[1]
+        data = MaskBatch(
+            masks=logits.flatten(0, 1),
+            iou_preds=iou_preds.flatten(0, 1),
+            points=torch.as_tensor(np.repeat(points, per_point, axis=0)),
+        )
+        del logits
+        # A threshold of 0 disables its filter, as in segment-anything (this also keeps
+        # masks whose stability is NaN, i.e. with no pixel above threshold - offset).
+        if self.pred_iou_thresh > 0:
+            data.filter(data["iou_preds"] > self.pred_iou_thresh)
+        threshold = self.predictor.model.mask_threshold
+        data["stability_score"] = stability_score(data["masks"], threshold, self.stability_score_offset)
+        # Binarised before the next filter, so that it copies bytes rather than float logits.
+        data["masks"] = data["masks"] > threshold
+        if self.stability_score_thresh > 0:
+            data.filter(data["stability_score"] >= self.stability_score_thresh)
+        data["boxes"] = batched_mask_to_box(data["masks"])
+        data.filter(~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, width, height]))
+        data["rles"] = mask_to_rle(uncrop_masks(data["masks"], crop_box, height, width))
+        del data["masks"]
+        return data
+
+    @staticmethod
+    def postprocess_small_regions(data: MaskBatch, min_area: float, nms_thresh: float) -> MaskBatch:
+        """Fill small holes and drop small islands of every mask, then NMS again, preferring
+        masks that needed no change. Edits ``data`` (numpy columns) in place and returns it."""
+        if len(data) == 0:
+            return data
+        boxes, unchanged, changed_masks = [], [], {}
+        for index, rle in enumerate(data["rles"]):
+            mask, holes_changed = remove_small_regions(rle_to_mask(rle), min_area, mode="holes")
+            mask, islands_changed = remove_small_regions(mask, min_area, mode="islands")
+            changed = holes_changed or islands_changed
+            unchanged.append(0.0 if changed else 1.0)
+            boxes.append(batched_mask_to_box(torch.from_numpy(mask)))
+            if changed:
+                changed_masks[index] = mask
+        boxes_tensor = torch.stack(boxes)
+        keep = batched_nms(boxes_tensor.float(), torch.tensor(unchanged), torch.zeros(len(boxes)), nms_thresh)
+        # Only the survivors that changed need a new encoding.
+        for index in keep.tolist():
+            if index in changed_masks:
+                data["rles"][index] = mask_to_rle(torch.from_numpy(changed_masks[index])[None])[0]
+                data["boxes"][index] = boxes_tensor[index].numpy()
+        data.filter(keep)
+        return data
+
+    def _records(self, data: MaskBatch) -> list[dict[str, Any]]:
+        records = []
+        for index, rle in enumerate(data["rles"]):
+            if self.output_mode == "coco_rle":
+                segmentation = coco_encode_rle(rle)
+            elif self.output_mode == "binary_mask":
+                segmentation = rle_to_mask(rle)
+            else:
+                segmentation = rle
+            records.append({
+                "segmentation": segmentation,
+                "area": area_from_rle(rle),
+                "bbox": box_xyxy_to_xywh(data["boxes"][index]),
+                "predicted_iou": float(data["iou_preds"][index]),
+                "point_coords": [data["points"][index].tolist()],
+                "stability_score": float(data["stability_score"][index]),
+                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][index]),
+            })
+        return records
+
+
+def _empty_batch(device: torch.device) -> MaskBatch:
+    """A crop's columns before any batch: keeps NMS and records well-defined with no points."""
+    return MaskBatch(
+        iou_preds=torch.zeros(0, device=device),
+        points=torch.zeros((0, 2), dtype=torch.float64),
+        stability_score=torch.zeros(0, device=device),
+        boxes=torch.zeros((0, 4), dtype=torch.long, device=device),
+        rles=[],
+    )
+
+
+def _model_proposer(model: torch.nn.Module) -> PointProposer:
+    """The model's own AutoPPN (lite-sam): proposals for the embedded crop, whose input-frame
+    points (``model.propose_points(embedding, valid_size)``) are mapped back to crop pixels."""
+    if getattr(model, "autoppn", None) is None or not callable(getattr(model, "propose_points", None)):
+        raise SlimsegError("sampler='autoppn' needs a model with AutoPPN (lite-sam) or a point_proposer")
+
+    def propose(crop: np.ndarray, predictor: Predictor) -> np.ndarray:
+        proposals = model.propose_points(predictor.get_image_embedding(), valid_size=predictor.input_size)[0]
+        (input_h, input_w), (height, width) = predictor.input_size, predictor.original_size
+        points = proposals.points.detach().cpu().double().numpy().reshape(-1, 2)
+        return points * np.array([width / input_w, height / input_h])
+
+    return propose

@@ -1,0 +1,105 @@
+"""Checking the mask generator's arguments, each failure as one ``SlimsegError`` line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from slimseg.errors import SlimsegError
+from slimseg.inference.everything.crops import build_all_layer_point_grids
+
+__all__ = ["OUTPUT_MODES", "SAMPLERS", "check_generator_options"]
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+SAMPLERS = ("grid", "autoppn")
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise SlimsegError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise SlimsegError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise SlimsegError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
+    return float(value)
+
+
+def _grids(point_grids: Sequence[np.ndarray], layers: int) -> list[np.ndarray]:
+    if isinstance(point_grids, np.ndarray) or not isinstance(point_grids, Sequence):
+        raise SlimsegError("point_grids must be a list of (N, 2) arrays, one per crop layer")
+    if len(point_grids) < layers:
+        raise SlimsegError(f"point_grids has {len(point_grids)} grid(s) but crop_n_layers needs {layers}")
+    grids = []
+    for layer, grid in enumerate(point_grids):
+        array = np.asarray(grid, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] != 2:
+            raise SlimsegError(f"point_grids[{layer}] must have shape (N, 2), got {array.shape}")
+        if not np.all((array >= 0) & (array <= 1)):
+            raise SlimsegError(f"point_grids[{layer}] must hold XY points normalised to [0, 1]")
+        grids.append(array)
+    return grids
+
+
+def check_generator_options(
+    *,
+    points_per_side: int | None,
+    points_per_batch: int,
+    pred_iou_thresh: float,
+    stability_score_thresh: float,
+    stability_score_offset: float,
+    box_nms_thresh: float,
+    crop_n_layers: int,
+    crop_nms_thresh: float,
+    crop_overlap_ratio: float,
+    crop_n_points_downscale_factor: int,
+    point_grids: Sequence[np.ndarray] | None,
+    min_mask_region_area: float,
+    output_mode: str,
+    sampler: str,
+    point_proposer: Callable | None,
+) -> list[np.ndarray]:
+    """Validate everything; returns the per-layer point grids (empty for AutoPPN)."""
+    if sampler not in SAMPLERS:
+        raise SlimsegError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if output_mode not in OUTPUT_MODES:
+        raise SlimsegError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+    _integer("points_per_batch", points_per_batch, 1)
+    _number("pred_iou_thresh", pred_iou_thresh, 0.0, 1.0)
+    _number("stability_score_thresh", stability_score_thresh, 0.0, 1.0)
+    _number("stability_score_offset", stability_score_offset, 0.0, math.inf)
+    _number("box_nms_thresh", box_nms_thresh, 0.0, 1.0)
+    _number("crop_nms_thresh", crop_nms_thresh, 0.0, 1.0)
+    _number("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
+    _number("min_mask_region_area", min_mask_region_area, 0.0, math.inf)
+    layers = _integer("crop_n_layers", crop_n_layers, 0) + 1
+    factor = _integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+    if point_proposer is not None and not callable(point_proposer):
+        raise SlimsegError(f"point_proposer must be callable, got {type(point_proposer).__name__}")
+
+    if sampler == "autoppn":
+        if point_grids is not None:
+            raise SlimsegError("point_grids cannot be combined with sampler='autoppn' (AutoPPN proposes the points)")
+        return []
+    if point_proposer is not None:
+        raise SlimsegError("point_proposer is only used with sampler='autoppn'")
+    if (points_per_side is None) == (point_grids is None):
+        raise SlimsegError("give exactly one of points_per_side and point_grids (set points_per_side=None for grids)")
+    if point_grids is not None:
+        return _grids(point_grids, layers)
+    side = _integer("points_per_side", points_per_side, 1)
+    smallest = int(side / factor ** (layers - 1))
+    if smallest < 1:
+        raise SlimsegError(
+            f"points_per_side={side} with crop_n_points_downscale_factor={factor} leaves no points "
+            f"in crop layer {layers - 1}"
+        )
+    return build_all_layer_point_grids(side, layers - 1, factor)

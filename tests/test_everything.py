@@ -1,0 +1,423 @@
+"""``MaskGenerator`` against segment-anything's ``SamAutomaticMaskGenerator``, and its parts
+against brute force, pycocotools and segment-anything's own helpers."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import photo, real_photo, tiny_config
+from pycocotools import mask as mask_utils
+from reference import randomise, reference_sam
+
+import slimseg
+from slimseg.errors import SlimsegError
+from slimseg.inference.masks import decode_rle
+from slimseg.inference.everything import MaskGenerator
+from slimseg.inference.everything.boxes import batched_mask_to_box, batched_nms, is_box_near_crop_edge, nms
+from slimseg.inference.everything.crops import build_all_layer_point_grids, generate_crop_boxes
+from slimseg.inference.everything.data import MaskBatch, stability_score
+from slimseg.inference.everything.rle import (
+    area_from_rle,
+    coco_encode_rle,
+    mask_to_rle,
+    remove_small_regions,
+    rle_to_mask,
+)
+
+
+def _sam_amg():
+    """segment_anything.utils.amg (importable once conftest has provided torchvision)."""
+    from segment_anything.utils import amg
+
+    return amg
+
+
+# --------------------------------------------------------------------------------------------
+# Parity of whole runs
+
+
+def _toy_state(reference: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights that give masks worth filtering.
+
+    With ``randomise`` alone the decoder's random biases swamp everything: logits are about
+    0.01, the same for every point, so every mask is empty or full and NMS leaves three.
+    Zeroing the decoder's biases makes the masks depend on the point, smooth absolute
+    position embeddings and nearest-neighbour upscaling make them blobs rather than speckle,
+    and larger output layers put logits and predicted IoUs on SAM's scale (a few units).
+    """
+    state = randomise(reference, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    _, rows, columns, width = state["image_encoder.pos_embed"].shape
+    ys, xs = torch.meshgrid(torch.arange(rows) / rows, torch.arange(columns) / columns, indexing="ij")
+    frequency = 0.5 * torch.randn(width, 2, generator=generator)
+    phase = 2 * math.pi * torch.rand(width, generator=generator)
+    waves = torch.sin(2 * math.pi * (frequency[:, :1, None] * ys + frequency[:, 1:, None] * xs) + phase[:, None, None])
+    state["image_encoder.pos_embed"] = 2 * waves.permute(1, 2, 0)[None]
+    decoder_parts = ("image_encoder.neck.", "mask_decoder.transformer.", "mask_decoder.output_upscaling.",
+                     "mask_decoder.output_hypernetworks_mlps.")
+    for key in state:
+        if key.startswith(decoder_parts) and key.endswith("bias"):
+            state[key] = torch.zeros_like(state[key])
+        elif key.startswith("mask_decoder.output_hypernetworks_mlps.") and key.endswith("layers.2.weight"):
+            state[key] = state[key] * 1000
+    for key in ("image_encoder.neck.1.weight", "image_encoder.neck.3.weight",
+                "mask_decoder.transformer.norm_final_attn.weight", "mask_decoder.output_upscaling.1.weight"):
+        state[key] = torch.ones_like(state[key])
+    for key in ("mask_decoder.output_upscaling.0.weight", "mask_decoder.output_upscaling.3.weight"):
+        state[key] = state[key][:, :, :1, :1].expand_as(state[key]).clone()
+    iou_head = "mask_decoder.iou_prediction_head.layers.2.weight"
+    state[iou_head] = state[iou_head] * 30
+    return state
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    reference = reference_sam(tiny_config())
+    state = _toy_state(reference, seed=0)
+    reference.load_state_dict(state)
+    path = tmp_path_factory.mktemp("everything") / "toy_sam.pth"
+    torch.save(state, path)
+    return reference, slimseg.load_model(path, device="cpu")
+
+
+def _small_photo() -> np.ndarray:
+    return photo(200, 300)
+
+
+def _small_real_photo() -> np.ndarray:
+    return cv2.resize(real_photo(), (128, 150), interpolation=cv2.INTER_AREA)
+
+
+# Over this toy model's 192 candidates (points_per_side=8 on the photo) predicted IoUs have
+# quartiles -0.4 / 0.4 / 0.93 and stability scores 0.34 / 0.56 / 0.79 (offset 1). With these
+# thresholds 14 masks survive, 24 without them; NMS removes most of the rest.
+THRESHOLDS = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.1)
+PARITY_CASES = {
+    "grid": (_small_photo, dict(points_per_batch=48)),
+    "crops": (_small_photo, dict(points_per_side=6, crop_n_layers=1, crop_n_points_downscale_factor=2)),
+    # 400 px changes 5 of the 14 masks (20 px would change none of these blobby masks).
+    "small regions": (_small_photo, dict(min_mask_region_area=400)),
+    "uncompressed rle": (_small_photo, dict(points_per_side=6, output_mode="uncompressed_rle")),
+    "coco rle": (_small_photo, dict(points_per_side=6, output_mode="coco_rle")),
+    "real photo": (_small_real_photo, dict()),
+}
+
+
+def _assert_same_records(ours: list[dict], theirs: list[dict], output_mode: str) -> None:
+    assert len(ours) == len(theirs)
+    for index, (mine, their) in enumerate(zip(ours, theirs)):
+        assert set(mine) == set(their), index
+        assert mine["bbox"] == their["bbox"], index
+        assert mine["crop_box"] == their["crop_box"], index
+        assert mine["point_coords"] == their["point_coords"], index
+        assert mine["predicted_iou"] == pytest.approx(their["predicted_iou"], abs=1e-4), index
+        assert mine["stability_score"] == pytest.approx(their["stability_score"], abs=1e-4), index
+        if output_mode == "binary_mask":
+            assert mine["segmentation"].shape == their["segmentation"].shape
+            assert mine["segmentation"].dtype == their["segmentation"].dtype == bool
+            # Pixels whose logit is within float noise of 0 may flip; nothing else may.
+            flipped = int((mine["segmentation"] != their["segmentation"]).sum())
+            assert flipped <= 5, index
+            assert abs(mine["area"] - their["area"]) <= flipped, index
+        else:
+            assert mine["segmentation"] == their["segmentation"], index
+            assert mine["area"] == their["area"], index
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_generate_matches_segment_anything(models, case):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    reference, model = models
+    make_image, options = PARITY_CASES[case]
+    options = {**THRESHOLDS, **options}
+    image = make_image()
+    with torch.no_grad():
+        theirs = SamAutomaticMaskGenerator(reference, **options).generate(image)
+    generator = MaskGenerator(model, **options)
+    ours = generator.generate(image)
+    candidates = 3 * options["points_per_side"] ** 2
+    assert 5 < len(theirs) < candidates, "the thresholds should keep some masks and drop others"
+    _assert_same_records(ours, theirs, options.get("output_mode", "binary_mask"))
+    assert set(generator.last_timings) == {"encoder", "proposer", "decoder", "postprocess", "total"}
+    assert generator.last_timings["total"] >= generator.last_timings["decoder"] > 0
+    if case == "crops":
+        assert len({tuple(record["crop_box"]) for record in ours}) > 1, "masks from the crops should survive"
+
+
+def test_small_region_postprocessing_is_segment_anythings():
+    from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.utils.amg import MaskData
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((6, 40, 50), bool)
+    masks[0, 5:30, 5:30] = True
+    masks[0, 10:12, 10:12] = False  # a small hole
+    masks[1] = masks[0]
+    masks[1, 35:37, 45:47] = True  # the same mask plus a small island: a duplicate once cleaned
+    masks[2, 20:39, 20:49] = True  # clean
+    masks[3] = cv2.blur(rng.random((40, 50)), (3, 3)) > 0.55  # speckle: holes and islands
+    masks[4, 1:3, 1:3] = True  # only small islands: the largest stays
+    masks[4, 30:33, 40:44] = True
+    masks[5, 0:40, 10:40] = True
+    masks[5, 0:3, 0:5] = True  # small island that touches the border
+    rles = mask_to_rle(torch.from_numpy(masks))
+    boxes = batched_mask_to_box(torch.from_numpy(masks)).numpy()
+    columns = dict(iou_preds=np.linspace(0.9, 0.8, 6), stability_score=np.linspace(0.7, 0.6, 6))
+
+    theirs = MaskData(rles=[dict(r) for r in rles], boxes=boxes.copy(), **columns)
+    SamAutomaticMaskGenerator.postprocess_small_regions(theirs, 10, 0.7)
+    ours = MaskBatch(rles=[dict(r) for r in rles], boxes=boxes.copy(), **columns)
+    MaskGenerator.postprocess_small_regions(ours, 10, 0.7)
+    assert ours["rles"] == theirs["rles"] and 0 < len(ours) < 6
+    assert np.array_equal(ours["boxes"], theirs["boxes"]) and np.array_equal(ours["iou_preds"], theirs["iou_preds"])
+
+
+def test_point_proposer_prompts_each_crop(models):
+    _, model = models
+    image = photo(120, 160)
+    calls = []
+
+    def proposer(crop: np.ndarray, predictor: slimseg.Predictor) -> np.ndarray:
+        assert predictor.is_image_set and predictor.original_size == crop.shape[:2]
+        calls.append(crop.shape)
+        return np.array([[crop.shape[1] / 2, crop.shape[0] / 2], [10.0, 12.0]])
+
+    generator = MaskGenerator(model, sampler="autoppn", point_proposer=proposer, pred_iou_thresh=0,
+                              stability_score_thresh=0, crop_n_layers=1)
+    records, timings = generator.generate_timed(image)
+    crops = generate_crop_boxes((120, 160), 1, 512 / 1500)[0]
+    assert calls == [(y1 - y0, x1 - x0, 3) for x0, y0, x1, y1 in crops]
+    assert records and timings["proposer"] >= 0
+    full_image = [record for record in records if record["crop_box"] == [0, 0, 160, 120]]
+    assert {tuple(record["point_coords"][0]) for record in full_image} <= {(80.0, 60.0), (10.0, 12.0)}
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_autoppn_model_proposes_the_points(models):
+    from types import SimpleNamespace
+
+    _, model = models
+    image = photo(120, 160)  # input frame 192 x 256: 1.6 input pixels per image pixel
+    seen = []
+
+    def propose_points(embedding: torch.Tensor, valid_size: tuple[int, int]) -> list:
+        seen.append((tuple(embedding.shape), valid_size))
+        return [SimpleNamespace(points=torch.tensor([[128.0, 96.0], [16.0, 32.0]]))]
+
+    model.autoppn, model.propose_points = torch.nn.Identity(), propose_points
+    try:
+        records = MaskGenerator(model, sampler="autoppn", pred_iou_thresh=0, stability_score_thresh=0).generate(image)
+    finally:
+        del model.autoppn, model.propose_points
+    assert seen == [((1, 256, 16, 16), (192, 256))]
+    assert records and {tuple(record["point_coords"][0]) for record in records} <= {(80.0, 60.0), (10.0, 20.0)}
+
+
+def test_autoppn_without_a_proposer_needs_an_autoppn_model(models):
+    _, model = models
+    with pytest.raises(SlimsegError, match="needs a model with AutoPPN"):
+        MaskGenerator(model, sampler="autoppn")
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (dict(points_per_side=None), "exactly one of points_per_side and point_grids"),
+        (dict(point_grids=[np.zeros((4, 2))]), "exactly one of points_per_side and point_grids"),
+        (dict(points_per_side=0), "points_per_side must be an integer >= 1"),
+        (dict(points_per_side=2.5), "points_per_side must be an integer"),
+        (dict(points_per_batch=0), "points_per_batch"),
+        (dict(pred_iou_thresh=1.5), "pred_iou_thresh must be in [0, 1]"),
+        (dict(stability_score_thresh=-0.1), "stability_score_thresh"),
+        (dict(stability_score_offset=float("nan")), "stability_score_offset must be a finite number"),
+        (dict(box_nms_thresh=2), "box_nms_thresh"),
+        (dict(crop_nms_thresh=-1), "crop_nms_thresh"),
+        (dict(crop_overlap_ratio=1.0), "crop_overlap_ratio must be in [0, 1)"),
+        (dict(crop_n_layers=-1), "crop_n_layers"),
+        (dict(crop_n_points_downscale_factor=0), "crop_n_points_downscale_factor"),
+        (dict(points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=4), "leaves no points"),
+        (dict(points_per_side=None, point_grids=[np.zeros((4, 3))]), "point_grids[0] must have shape (N, 2)"),
+        (dict(points_per_side=None, point_grids=[np.full((4, 2), 2.0)]), "normalised to [0, 1]"),
+        (dict(points_per_side=None, point_grids=[np.zeros((4, 2))], crop_n_layers=1), "crop_n_layers needs 2"),
+        (dict(min_mask_region_area=-5), "min_mask_region_area"),
+        (dict(output_mode="png"), "output_mode must be one of binary_mask, uncompressed_rle, coco_rle"),
+        (dict(sampler="random"), "sampler must be one of grid, autoppn"),
+        (dict(point_proposer=lambda crop, predictor: None), "only used with sampler='autoppn'"),
+        (dict(sampler="autoppn", point_proposer=3), "point_proposer must be callable"),
+        (dict(sampler="autoppn", point_proposer=print, points_per_side=None, point_grids=[np.zeros((1, 2))]),
+         "point_grids cannot be combined"),
+    ],
+)
+def test_bad_arguments_raise_one_line(models, options, fragment):
+    _, model = models
+    with pytest.raises(SlimsegError) as caught:
+        MaskGenerator(model, **options)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_bad_model_and_image_raise(models):
+    _, model = models
+    with pytest.raises(SlimsegError, match="SAM-family model"):
+        MaskGenerator(torch.nn.Linear(2, 2))
+    with pytest.raises(SlimsegError, match="HxWx3 uint8"):
+        MaskGenerator(model).generate(np.zeros((10, 10), np.uint8))
+
+
+def test_defaults_are_segment_anythings():
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    theirs = inspect.signature(SamAutomaticMaskGenerator).parameters
+    ours = inspect.signature(MaskGenerator).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    assert all(ours[name].default == theirs[name].default for name in theirs)
+    assert ours["sampler"].default == "grid" and ours["point_proposer"].default is None
+
+
+# --------------------------------------------------------------------------------------------
+# Parts
+
+
+def _brute_force_nms(boxes: np.ndarray, scores: np.ndarray, categories: np.ndarray, threshold: float) -> list[int]:
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        # torchvision divides in float32 and compares with the threshold in float64, so an
+        # IoU of exactly 3/10 (0.3000000119 in float32) counts as above 0.3.
+        return float(np.float32(inter) / np.float32(union)) if union > 0 else float("nan")
+
+    order = sorted(range(len(boxes)), key=lambda i: -scores[i])  # sorted() is stable
+    kept: list[int] = []
+    for i in order:
+        if not any(categories[j] == categories[i] and iou(boxes[i], boxes[j]) > threshold for j in kept):
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nms_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    count = 150
+    corners = rng.integers(0, 60, (count, 2))
+    boxes = np.concatenate([corners, corners + rng.integers(1, 40, (count, 2))], axis=1)
+    boxes[::7] = boxes[3]  # exact duplicates
+    scores = rng.integers(0, 20, count).astype(np.float32)  # many ties: order must be stable
+    categories = rng.integers(0, 3, count)
+    for threshold in (0.0, 0.3, 0.5, 0.7, 1.0):
+        expected = _brute_force_nms(boxes, scores, np.zeros(count), threshold)
+        assert nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores), threshold).tolist() == expected
+        expected = _brute_force_nms(boxes, scores, categories, threshold)
+        got = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(categories), threshold)
+        assert got.tolist() == expected
+
+
+def test_nms_suppresses_only_strictly_above_the_threshold():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 10]], dtype=torch.float)  # IoU 0.5, 1.0
+    scores = torch.tensor([0.9, 0.8, 0.9])
+    assert nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert nms(boxes, scores, 0.49).tolist() == [0]
+    assert nms(boxes, scores, 1.0).tolist() == [0, 2, 1]
+    assert nms(boxes[:0], scores[:0], 0.5).tolist() == []
+    empty = torch.zeros((3, 4))  # 0/0 IoU: never suppressed, as in torchvision
+    assert nms(empty, scores, 0.5).tolist() == [0, 2, 1]
+
+
+def test_stability_score_is_segment_anythings():
+    amg = _sam_amg()
+    logits = torch.randn(6, 37, 53) * 2
+    logits[2] = -5  # nothing above threshold - offset: 0 / 0
+    ours = stability_score(logits, 0.0, 1.0)
+    theirs = amg.calculate_stability_score(logits, 0.0, 1.0)
+    undefined = theirs.isnan()
+    assert torch.equal(ours.isnan(), undefined) and torch.equal(ours[~undefined], theirs[~undefined])
+    inner, outer = (logits[0] > 1).sum().item(), (logits[0] > -1).sum().item()
+    assert ours[0].item() == pytest.approx(inner / outer, rel=1e-6)
+
+
+def _masks() -> torch.Tensor:
+    rng = np.random.default_rng(5)
+    masks = rng.random((6, 23, 31)) > 0.5
+    masks[1] = False
+    masks[2] = True
+    masks[3, :, :] = False
+    masks[3, 4:9, 7:20] = True
+    masks[4] = False
+    masks[4, 0, 0] = True
+    return torch.from_numpy(masks)
+
+
+def test_rle_round_trips_and_matches_pycocotools():
+    amg = _sam_amg()
+    masks = _masks()
+    rles = mask_to_rle(masks)
+    assert rles == amg.mask_to_rle_pytorch(masks)
+    for mask, rle in zip(masks.numpy(), rles):
+        assert rle["counts"][0] == 0 if mask[0, 0] else rle["counts"][0] > 0
+        decoded = rle_to_mask(rle)
+        assert decoded.flags.c_contiguous and np.array_equal(decoded, mask)
+        assert area_from_rle(rle) == mask.sum()
+        coco = coco_encode_rle(rle)
+        expected = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert coco == {"size": expected["size"], "counts": expected["counts"].decode("utf-8")}
+        assert np.array_equal(decode_rle(coco), mask)
+
+
+def test_mask_boxes_and_crop_edges_are_segment_anythings():
+    amg = _sam_amg()
+    masks = _masks()
+    assert torch.equal(batched_mask_to_box(masks), amg.batched_mask_to_box(masks))
+    grouped = masks.reshape(2, 3, 23, 31)
+    assert torch.equal(batched_mask_to_box(grouped), amg.batched_mask_to_box(grouped))
+    boxes = torch.tensor([[0, 0, 10, 10], [25, 30, 80, 90], [5, 40, 60, 99], [30, 30, 35, 35]])
+    for crop in ([0, 0, 100, 100], [20, 20, 100, 100], [0, 10, 70, 100]):
+        assert torch.equal(is_box_near_crop_edge(boxes, crop, [0, 0, 100, 100]),
+                           amg.is_box_near_crop_edge(boxes, crop, [0, 0, 100, 100]))
+
+
+def test_crop_boxes_for_known_sizes():
+    boxes, layers = generate_crop_boxes((200, 300), 1, 512 / 1500)
+    # overlap = int(0.3413 * 200) = 68; tiles of ceil((68 + 300) / 2) = 184 by ceil((68 + 200) / 2) = 134
+    assert boxes == [[0, 0, 300, 200], [0, 0, 184, 134], [0, 66, 184, 200], [116, 0, 300, 134], [116, 66, 300, 200]]
+    assert layers == [0, 1, 1, 1, 1]
+    amg = _sam_amg()
+    for size in ((480, 640), (1024, 768), (37, 1000)):
+        for n_layers in (0, 1, 2, 3):
+            for ratio in (0.0, 512 / 1500, 0.5):
+                assert generate_crop_boxes(size, n_layers, ratio) == amg.generate_crop_boxes(size, n_layers, ratio)
+    for ours, theirs in zip(build_all_layer_point_grids(7, 2, 2), amg.build_all_layer_point_grids(7, 2, 2)):
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions_is_segment_anythings(mode):
+    amg = _sam_amg()
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        mask = cv2.blur(rng.random((40, 50)), (3, 3)) > 0.55
+        for area in (1, 5, 30, 3000):
+            ours, changed = remove_small_regions(mask, area, mode)
+            theirs, their_changed = amg.remove_small_regions(mask, area, mode)
+            assert changed == their_changed and np.array_equal(ours, theirs)
+    with pytest.raises(SlimsegError):
+        remove_small_regions(mask, 5, "both")
+
+
+def test_mask_batch_filters_and_extends_every_column():
+    batch = MaskBatch(a=torch.arange(4), b=np.arange(4) * 10, c=["w", "x", "y", "z"])
+    batch.filter(torch.tensor([True, False, True, True]))
+    assert batch["a"].tolist() == [0, 2, 3] and batch["b"].tolist() == [0, 20, 30] and batch["c"] == ["w", "y", "z"]
+    batch.filter(torch.tensor([2, 0]))
+    assert batch["a"].tolist() == [3, 0] and batch["c"] == ["z", "w"]
+    batch.extend(MaskBatch(a=torch.tensor([7]), b=np.array([70]), c=["q"]))
+    assert len(batch) == 3 and batch["b"].tolist() == [30, 0, 70] and batch["c"] == ["z", "w", "q"]
+    with pytest.raises(SlimsegError):
+        batch["d"] = 5
