@@ -142,3 +142,26 @@ def test_convert_any_format_to_slimseg(tmp_path, sam_layout_bytes):
     assert bad.exit_code == 2 and ".safetensors" in bad.stderr
     missing = runner.invoke(app, ["info", str(tmp_path / "nope.pth")])
     assert missing.exit_code == 1 and "nope.pth" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_lite_sam_builds_saves_loads_and_segments(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SlimsegError, match="Lite-SAM has no public weights: train them with slimseg distill"):
+        slimseg.load_model("lite-sam", device="cpu")
+    model = slimseg.build_model("lite-sam")
+    assert model.img_size == 640 and 4.0e6 < sum(p.numel() for p in model.parameters()) < 4.4e6
+    path = slimseg.save_model(model, tmp_path / "lite.safetensors")
+    loaded = slimseg.load_model(path, device="cpu")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    Image.fromarray(photo(120, 160)).save(tmp_path / "img.png")
+    result = runner.invoke(app, ["segment", str(tmp_path / "img.png"), "-m", str(path), "-b", "10,10,100,100"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["masks"][0]["segmentation"]["size"] == [120, 160]
+    every = runner.invoke(app, ["segevery", str(tmp_path / "img.png"), "-m", str(path), "--sampler", "autoppn",
+                                "--pred-iou-thresh", "0", "--stability-score-thresh", "0"])
+    assert every.exit_code == 0, every.output
+    assert json.loads(every.stdout)["sampler"] == "autoppn"
+    report = json.loads(runner.invoke(app, ["info", str(path), "--json"]).stdout)
+    assert report["architecture"]["family"] == "lite-sam" and report["parameters"]["autoppn"] > 0

@@ -26,6 +26,14 @@ def _millions(value: int | None) -> str:
     return "from file" if value is None else f"{value / 1e6:.2f} M"
 
 
+def _encoder_line(arch: dict) -> str:
+    if arch["family"] != "sam":
+        encoder = arch["config"].get("litevit", {})
+        return f"encoder     {arch['family']}: LiteViT dims {encoder.get('dims')}, depths {encoder.get('depths')}"
+    return (f"encoder     embed {arch['embed_dim']}, {arch['depth']} blocks, global attention in "
+            f"{arch['global_attn_indexes']}")
+
+
 def models(as_json: JsonOption = False) -> None:
     """List the registered models: parameters, input size, weight source, licence, cache state."""
     with user_errors():
@@ -58,19 +66,20 @@ def info(
             f"path        {report['path'] or '-'}",
             f"sha256      {report['sha256'] or '-'}",
             f"input       {report['input_size']} x {report['input_size']} px",
-            f"encoder     embed {arch['embed_dim']}, {arch['depth']} blocks, global attention in "
-            f"{arch['global_attn_indexes']}",
+            _encoder_line(arch),
             "parameters  " + ", ".join(f"{part} {_millions(count)}" for part, count in parameters.items()),
             f"MACs        image encoder {macs['image_encoder']['layers'] / 1e9:.2f} G in conv/linear layers "
             f"+ {macs['image_encoder']['attention'] / 1e9:.2f} G attention; decoder "
             f"{macs['decoder_per_prompt'] / 1e9:.2f} G per prompt",
         ]
+        _stdout.print("\n".join(lines))
+        if not arch["blocks"]:
+            return
         table = Table("block", "heads", "q/k width", "v width", "MLP width", "attention")
         for index, block in enumerate(arch["blocks"]):
             window = "global" if block["window"] == "global" else f"window {block['window']}"
             table.add_row(str(index), str(block["heads"]), str(block["qk_dim"]), str(block["v_dim"]),
                           str(block["mlp_dim"]), window)
-        _stdout.print("\n".join(lines))
         _stdout.print(table)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from slimseg import __version__
 from slimseg.errors import SlimsegError
 from slimseg.io import atomic_output
-from slimseg.modeling.sam import Sam, SamConfig
+from slimseg.zoo.families import Model, ModelConfig, config_from_json
 from slimseg.zoo.hf_layout import apply_hf_config, hf_to_sam_layout, looks_like_hf_state_dict, read_hf_config
 from slimseg.zoo.pickled import read_pickled_module_state, strip_data_parallel
 from slimseg.zoo.sam_layout import StateDict, infer_sam_config, looks_like_sam_state_dict, split_fused_qkv
@@ -35,7 +35,7 @@ class LoadedCheckpoint:
     """Tensors in slimseg's key layout plus the architecture they belong to."""
 
     state_dict: StateDict
-    config: SamConfig
+    config: ModelConfig
     format: str  # one of FORMATS
 
 
@@ -114,7 +114,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if _is_safetensors(head):
         tensors, metadata = _read_safetensors(path)
         if CONFIG_METADATA_KEY in metadata:
-            return LoadedCheckpoint(tensors, SamConfig.from_json(metadata[CONFIG_METADATA_KEY]), NATIVE_FORMAT)
+            return LoadedCheckpoint(tensors, config_from_json(metadata[CONFIG_METADATA_KEY]), NATIVE_FORMAT)
         return _to_slimseg_layout(path, tensors, "segment-anything", source)
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2_PLUS):
         tensors, fmt = _read_torch(path)
@@ -124,7 +124,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     raise SlimsegError(f"{path}: not a checkpoint (neither safetensors nor a torch file)")
 
 
-def load_state_dict_strict(model: Sam, state_dict: StateDict, source: str | Path) -> None:
+def load_state_dict_strict(model: Model, state_dict: StateDict, source: str | Path) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the offending keys."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -140,7 +140,7 @@ def load_state_dict_strict(model: Sam, state_dict: StateDict, source: str | Path
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_checkpoint(model: Sam, path: str | Path) -> Path:
+def save_checkpoint(model: Model, path: str | Path) -> Path:
     """Write ``model`` as slimseg safetensors (config in the metadata), atomically."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

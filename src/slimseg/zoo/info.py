@@ -8,26 +8,27 @@ from typing import Any
 import torch
 
 from slimseg.modeling.complexity import count_macs, count_parameters
-from slimseg.modeling.sam import Sam, SamConfig
+from slimseg.modeling.sam import SamConfig
+from slimseg.zoo.families import Model, ModelConfig, model_from_config
 from slimseg.zoo.checkpoint import read_checkpoint
 from slimseg.zoo.download import file_sha256
 from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_cached, is_model_name, spec_config
 
 
-def _meta_model(config: SamConfig) -> Sam:
+def _meta_model(config: ModelConfig) -> Model:
     with torch.device("meta"):
         # no parameter needs a gradient: FlopCounterMode's module tracker would hook them
-        return Sam(config).requires_grad_(False)
+        return model_from_config(config).requires_grad_(False)
 
 
-def complexity(config: SamConfig) -> dict[str, Any]:
+def complexity(config: ModelConfig) -> dict[str, Any]:
     """Parameters per part and MACs at the model's input size (encoder once, decoder per prompt)."""
     model = _meta_model(config)
-    size = config.image_encoder.img_size
-    grid = config.image_encoder.grid_size
+    size = model.img_size
+    grid_h, grid_w = model.prompt_encoder.image_embedding_size
     with torch.device("meta"):
         image = torch.empty(1, 3, size, size)
-        embedding = torch.empty(1, config.prompt_encoder.embed_dim, grid, grid)
+        embedding = torch.empty(1, model.prompt_encoder.embed_dim, grid_h, grid_w)
         point, label = torch.empty(1, 1, 2), torch.ones(1, 1, dtype=torch.int)
 
     def decode() -> None:
@@ -40,14 +41,11 @@ def complexity(config: SamConfig) -> dict[str, Any]:
 
     encoder_macs = count_macs(model.image_encoder, image)
     decoder_macs = count_macs(_Decode())
+    parts = {name: count_parameters(getattr(model, name))
+             for name in ("image_encoder", "autoppn", "prompt_encoder", "mask_decoder") if hasattr(model, name)}
     return {
         "input_size": size,
-        "parameters": {
-            "image_encoder": count_parameters(model.image_encoder),
-            "prompt_encoder": count_parameters(model.prompt_encoder),
-            "mask_decoder": count_parameters(model.mask_decoder),
-            "total": count_parameters(model),
-        },
+        "parameters": {**parts, "total": count_parameters(model)},
         "macs": {
             "image_encoder": {"layers": encoder_macs.layers, "attention": encoder_macs.attention,
                               "total": encoder_macs.total},
@@ -56,7 +54,9 @@ def complexity(config: SamConfig) -> dict[str, Any]:
     }
 
 
-def architecture(config: SamConfig) -> dict[str, Any]:
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    if not isinstance(config, SamConfig):
+        return {"family": config.to_dict()["family"], "blocks": [], "config": config.to_dict()}
     encoder = config.image_encoder
     return {
         "family": "sam",
@@ -113,7 +113,7 @@ def registry_rows() -> list[dict[str, Any]]:
             "name": name,
             "description": spec.description,
             "parameters": parameters,
-            "input_size": spec.config().image_encoder.img_size if spec.config else None,
+            "input_size": _meta_model(spec.config()).img_size if spec.config else None,
             "source": spec.source,
             "origin": spec.origin,
             "sha256": spec.weights.sha256 if spec.weights else None,

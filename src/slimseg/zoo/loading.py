@@ -8,16 +8,16 @@ import torch
 
 from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError
-from slimseg.modeling.sam import Sam, SamConfig
+from slimseg.zoo.families import Model, ModelConfig, is_model, model_from_config
 from slimseg.zoo.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint
 from slimseg.zoo.download import download_file, mirror_url
 from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_model_name, spec_config
 
 
-def build_model(name_or_config: str | SamConfig, device: str | torch.device = "cpu") -> Sam:
+def build_model(name_or_config: str | ModelConfig, device: str | torch.device = "cpu") -> Model:
     """A randomly initialised model of a registered architecture (or of an explicit config)."""
-    config = name_or_config if isinstance(name_or_config, SamConfig) else spec_config(get_spec(name_or_config))
-    return Sam(config).to(resolve_device(device)).eval()
+    config = spec_config(get_spec(name_or_config)) if isinstance(name_or_config, str) else name_or_config
+    return model_from_config(config).to(resolve_device(device)).eval()
 
 
 def fetch_weights(spec: ModelSpec, offline: bool = False) -> Path:
@@ -42,7 +42,7 @@ def resolve_checkpoint(name_or_path: str | Path, offline: bool = False) -> Path:
     raise SlimsegError(f"{text}: neither a registered model name nor an existing checkpoint file")
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "auto", offline: bool = False) -> Sam:
+def load_model(name_or_path: str | Path, device: str | torch.device = "auto", offline: bool = False) -> Model:
     """Load a model by registry name or from a checkpoint file or folder, in eval mode on ``device``.
 
     The device is checked before anything is read or downloaded. Registered weights are
@@ -52,13 +52,13 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "auto", of
     target = resolve_device(device)
     path = resolve_checkpoint(name_or_path, offline=offline)
     checkpoint = read_checkpoint(path)
-    model = Sam(checkpoint.config)
+    model = model_from_config(checkpoint.config)
     load_state_dict_strict(model, checkpoint.state_dict, path)
     return model.to(target).eval()
 
 
-def save_model(model: Sam, path: str | Path) -> Path:
+def save_model(model: Model, path: str | Path) -> Path:
     """Save in slimseg's format: safetensors with the full architecture in its metadata."""
-    if not isinstance(model, Sam):
-        raise SlimsegError(f"save_model expects a slimseg Sam model, got {type(model).__name__}")
+    if not is_model(model):
+        raise SlimsegError(f"save_model expects a slimseg model (Sam or LiteSam), got {type(model).__name__}")
     return save_checkpoint(model, path)

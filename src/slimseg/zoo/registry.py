@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from slimseg.errors import SlimsegError
+from slimseg.modeling.lite_sam import LiteSamConfig
 from slimseg.modeling.sam import SamConfig, sam_b_config, sam_h_config, sam_l_config, sam_vit_config
 
 _META = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -30,7 +31,7 @@ class WeightSource:
 class ModelSpec:
     name: str
     description: str
-    config: Callable[[], SamConfig] | None  # None: the architecture is read from the user's file
+    config: Callable[[], SamConfig | LiteSamConfig] | None  # None: the architecture is read from the user's file
     weights: WeightSource | None
     license: str
     how_to_get: str | None = None  # shown when there is nothing to download
@@ -85,6 +86,11 @@ _SPECS = (
               "Apache-2.0", origin="HF hub Zigeng/SlimSAM-uniform-77"),
     _global_slimsam(50),
     _global_slimsam(77),
+    ModelSpec("lite-sam", "Lite-SAM: LiteViT-1x encoder + AutoPPN point proposals, 640 px", LiteSamConfig, None,
+              "Apache-2.0",
+              how_to_get="Lite-SAM has no public weights: train them with slimseg distill (see docs/lite-sam.md) "
+              "and pass the resulting file to --model",
+              origin="no public weights"),
 )
 _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -107,7 +113,7 @@ def is_model_name(text: str) -> bool:
     return text.lower() in _REGISTRY
 
 
-def spec_config(spec: ModelSpec) -> SamConfig:
+def spec_config(spec: ModelSpec) -> SamConfig | LiteSamConfig:
     if spec.config is None:
         raise SlimsegError(f"{spec.name} has widths that vary per block and come from its file: {spec.how_to_get}")
     return spec.config()
