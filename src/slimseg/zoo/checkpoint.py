@@ -78,11 +78,14 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return payload, "segment-anything"
 
 
-def _weights_file_in_folder(folder: Path) -> Path:
+def weights_file(path: Path) -> Path:
+    """The file holding the weights: ``path`` itself, or the weights file of a SamModel folder."""
+    if not path.is_dir():
+        return path
     for name in _HF_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise SlimsegError(f"{folder}: folder holds no {' or '.join(_HF_WEIGHT_FILES)}")
+        if (path / name).is_file():
+            return path / name
+    raise SlimsegError(f"{path}: folder holds no {' or '.join(_HF_WEIGHT_FILES)}")
 
 
 def _to_slimseg_layout(path: Path, tensors: dict[str, torch.Tensor], fmt: str, source: Path) -> LoadedCheckpoint:
@@ -108,7 +111,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     source = Path(path)
     if not source.exists():
         raise SlimsegError(f"{source}: no such checkpoint file")
-    path = _weights_file_in_folder(source) if source.is_dir() else source
+    path = weights_file(source)
     with path.open("rb") as handle:
         head = handle.read(16)
     if _is_safetensors(head):

@@ -10,7 +10,7 @@ import torch
 from slimseg.modeling.complexity import count_macs, count_parameters
 from slimseg.modeling.sam import SamConfig
 from slimseg.zoo.families import Model, ModelConfig, model_from_config
-from slimseg.zoo.checkpoint import read_checkpoint
+from slimseg.zoo.checkpoint import read_checkpoint, weights_file
 from slimseg.zoo.download import file_sha256
 from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_cached, is_model_name, spec_config
 
@@ -87,7 +87,7 @@ def describe(name_or_path: str | Path) -> dict[str, Any]:
     report: dict[str, Any] = {"model": text}
     if path is not None:
         checkpoint = read_checkpoint(path)
-        weights = path if path.is_file() else next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file())
+        weights = weights_file(path)
         config = checkpoint.config
         report.update(path=str(path), format=checkpoint.format, sha256=file_sha256(weights))
     else:
