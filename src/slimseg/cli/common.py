@@ -53,8 +53,9 @@ DeviceOption = Annotated[
 
 ModelOption = Annotated[
     str,
-    typer.Option("--model", "-m", metavar="NAME|PATH", help="Registered model name (see `slimseg models`) or a checkpoint path "
-                 "(segment-anything .pth or slimseg .safetensors).", show_default=True),
+    typer.Option("--model", "-m", metavar="NAME|PATH", help="Registered model name (see `slimseg models`) or a "
+                 "checkpoint file or folder in any supported format (segment-anything .pth, SlimSAM .pth, "
+                 "transformers SamModel, slimseg .safetensors).", show_default=True),
 ]
 
 OfflineOption = Annotated[
