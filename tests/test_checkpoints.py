@@ -82,27 +82,29 @@ def test_native_round_trip_is_detected_from_content(reference_and_checkpoint, tm
         torch.testing.assert_close(reloaded.state_dict()[key], tensor, rtol=0, atol=0)
 
 
-class _RunsCode:
+class _CreatesFile:
+    """Unpickling this object creates ``path``: proof, if the file appears, that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (shutil.copy, ("/etc/hostname", "/tmp/slimseg-pwned-marker"))
+        return (open, (self.path, "w"))
 
 
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     path = tmp_path / "evil.pth"
-    torch.save({"model": Evil()}, path)
+    torch.save({"model": _CreatesFile(marker)}, path)
+    pickle.loads(pickle.dumps(_CreatesFile(tmp_path / "control"))).close()
+    assert (tmp_path / "control").exists()  # the payload really does run when unpickled normally
     with pytest.raises(SlimsegError, match="holds no model tensors"):
         slimseg.load_model(path, device="cpu")
-    assert not marker.exists()
     plain = tmp_path / "plain.pkl"
-    plain.write_bytes(pickle.dumps(_RunsCode()))
-    with pytest.raises(SlimsegError):
+    plain.write_bytes(pickle.dumps(_CreatesFile(marker)))
+    with pytest.raises(SlimsegError, match="plain.pkl"):
         slimseg.load_model(plain, device="cpu")
+    assert not marker.exists()
 
 
 def test_truncated_and_garbage_files_give_one_line(reference_and_checkpoint, tmp_path):

@@ -75,3 +75,17 @@ def test_batched_decoding_equals_one_prompt_at_a_time():
         masks, scores, _ = predictor.predict(**kwargs, multimask_output=True)
         np.testing.assert_allclose(result.scores, scores, atol=1e-5)
         assert (result.masks != masks).mean() < 1e-3
+
+
+def test_transform_torch_paths_agree_with_numpy():
+    from slimseg.inference.transforms import ResizeLongestSide
+
+    transform = ResizeLongestSide(256)
+    image = photo(100, 150)
+    resized = transform.apply_image_torch(torch.as_tensor(image).permute(2, 0, 1)[None].float())
+    assert resized.shape == (1, 3, 171, 256) == (1, 3, *transform.apply_image(image).shape[:2])
+    # antialiased bilinear in torch vs PIL's filter: close, not equal
+    assert (resized[0].permute(1, 2, 0) - torch.as_tensor(transform.apply_image(image)).float()).abs().mean() < 3
+    boxes = np.array([[10.0, 20.0, 140.0, 90.0]])
+    torch.testing.assert_close(transform.apply_boxes_torch(torch.as_tensor(boxes), (100, 150)),
+                               torch.as_tensor(transform.apply_boxes(boxes, (100, 150))).float())

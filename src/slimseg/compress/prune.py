@@ -50,11 +50,6 @@ class PruneReport:
     """Blocks whose relative-position tables were re-created as zeros (SlimSAM's behaviour)
     because their heads did not all keep the same offsets; the others were sliced exactly."""
 
-    @property
-    def kept_fraction(self) -> float:
-        """Image-encoder parameters after / before."""
-        return self.params_after / self.params_before
-
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -34,14 +34,6 @@ class BlockConfig:
     window_size: int = GLOBAL_ATTENTION
 
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_dim // self.num_heads
-
-    @property
-    def v_head_dim(self) -> int:
-        return self.v_dim // self.num_heads
-
-    @property
     def is_global(self) -> bool:
         return self.window_size == GLOBAL_ATTENTION
 
