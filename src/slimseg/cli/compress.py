@@ -134,12 +134,13 @@ def distill(
     Runs on many GPUs or machines unchanged under `torchrun --nproc_per_node N`.
     """
     from slimseg.compress.distill import DistillConfig, distill as run_distillation
+    from slimseg.compress.losses import ALIGN_CHOICES
     from slimseg.compress.distributed import init_distributed_from_env
     from slimseg.devices import resolve_device
 
     with user_errors():
-        if align not in ("auto", "bottleneck", "embedding"):
-            raise UsageError(f"--align {align!r}: choose one of auto, bottleneck, embedding")
+        if align not in ALIGN_CHOICES:
+            raise UsageError(f"--align {align!r}: choose one of {', '.join(ALIGN_CHOICES)}")
         target = resolve_device(_device_for_rank(device))
         init_distributed_from_env()
         student_model = load_model(student, device=target, offline=offline)

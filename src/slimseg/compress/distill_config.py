@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimseg.compress.losses import ALIGN_CHOICES
 from slimseg.errors import SlimsegError
 
 __all__ = ["DistillConfig", "DistillResult"]
@@ -44,8 +45,8 @@ class DistillConfig:
             raise SlimsegError(f"distill: intermediate_weight must be in 0..1, got {self.intermediate_weight}")
         if self.intermediate_epochs is not None and self.intermediate_epochs < 0:
             raise SlimsegError(f"distill: intermediate_epochs must be >= 0, got {self.intermediate_epochs}")
-        if self.align not in ("auto", "bottleneck", "embedding"):
-            raise SlimsegError(f"distill: align must be auto, bottleneck or embedding, got {self.align!r}")
+        if self.align not in ALIGN_CHOICES:
+            raise SlimsegError(f"distill: align must be one of {', '.join(ALIGN_CHOICES)}, got {self.align!r}")
         if self.num_workers < 0:
             raise SlimsegError(f"distill: num_workers must be >= 0, got {self.num_workers}")
         if self.val_limit is not None and self.val_limit < 1:

@@ -36,10 +36,7 @@ class LoadedCheckpoint:
 
     state_dict: StateDict
     config: ModelConfig
-    format: str  # one of FORMATS
-
-
-FORMATS = ("slimseg", "segment-anything", "transformers", "pickled-model")
+    format: str  # slimseg | segment-anything | transformers | pickled-model
 
 
 def _is_safetensors(head: bytes) -> bool:
