@@ -116,10 +116,10 @@ def test_output_files(reference_run: Path) -> None:
     assert state["epoch"] == 4 and state["step"] == 12
     assert SamConfig.from_json(state["model_config"]) == tiny_config()
     assert isinstance(state["rng"]["python"], list) and isinstance(state["rng"]["numpy"], list)
-    assert set(state) >= {"encoder", "optimizer", "scheduler", "best_metric", "distill_config"}
+    assert set(state) >= {"weights", "optimizer", "scheduler", "best_metric", "distill_config"}
 
     final = encoder_weights(reference_run / "final.safetensors")
-    for name, tensor in state["encoder"].items():
+    for name, tensor in state["weights"].items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=0)
     best = slimseg.load_model(reference_run / "best.safetensors", device="cpu")
     assert best.config == tiny_config()

@@ -17,6 +17,7 @@ import slimseg
 from slimseg.errors import SlimsegError
 from slimseg.inference.masks import decode_rle
 from slimseg.inference.everything import MaskGenerator
+from slimseg.inference.predictor import Predictor
 from slimseg.inference.everything.boxes import batched_mask_to_box, batched_nms, is_box_near_crop_edge, nms
 from slimseg.inference.everything.crops import build_all_layer_point_grids, generate_crop_boxes
 from slimseg.inference.everything.data import MaskBatch, stability_score
@@ -202,28 +203,29 @@ def test_point_proposer_prompts_each_crop(models):
 
 
 def test_autoppn_model_proposes_the_points(models):
-    from types import SimpleNamespace
+    from slimseg.compress.train import with_autoppn
+    from slimseg.modeling.autoppn import propose_points
 
-    _, model = models
+    model = with_autoppn(models[1])  # the same SAM with a (random) AutoPPN head
     image = photo(120, 160)  # input frame 192 x 256: 1.6 input pixels per image pixel
-    seen = []
-
-    def propose_points(embedding: torch.Tensor, valid_size: tuple[int, int]) -> list:
-        seen.append((tuple(embedding.shape), valid_size))
-        return [SimpleNamespace(points=torch.tensor([[128.0, 96.0], [16.0, 32.0]]))]
-
-    model.autoppn, model.propose_points = torch.nn.Identity(), propose_points
-    try:
-        records = MaskGenerator(model, sampler="autoppn", pred_iou_thresh=0, stability_score_thresh=0).generate(image)
-    finally:
-        del model.autoppn, model.propose_points
-    assert seen == [((1, 256, 16, 16), (192, 256))]
-    assert records and {tuple(record["point_coords"][0]) for record in records} <= {(80.0, 60.0), (10.0, 20.0)}
+    generator = MaskGenerator(model, sampler="autoppn", pred_iou_thresh=0, stability_score_thresh=0,
+                              max_proposals=5, proposal_thresh=0.0)
+    records = generator.generate(image)
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    logits = model.autoppn(predictor.get_image_embedding())
+    proposed = propose_points(logits, 5, 0.0, model.img_size, (192, 256))[0].points.double().numpy() / 1.6
+    assert 1 <= len(proposed) <= 5
+    assert records and {tuple(r["point_coords"][0]) for r in records} <= {tuple(p) for p in proposed.tolist()}
+    with pytest.raises(SlimsegError, match="max_proposals must be >= 1"):
+        MaskGenerator(model, sampler="autoppn", max_proposals=0)
+    with pytest.raises(SlimsegError, match="apply to the model's own AutoPPN"):
+        MaskGenerator(model, sampler="grid", max_proposals=10)
 
 
 def test_autoppn_without_a_proposer_needs_an_autoppn_model(models):
     _, model = models
-    with pytest.raises(SlimsegError, match="needs a model with AutoPPN"):
+    with pytest.raises(SlimsegError, match="needs a model with an AutoPPN"):
         MaskGenerator(model, sampler="autoppn")
 
 

@@ -9,9 +9,12 @@ import typer
 from slimseg import __version__
 from slimseg.cli.common import State, error_line
 from slimseg.cli.compress import distill, prune
+from slimseg.cli.export import export
+from slimseg.cli.eval_coco import eval_coco
 from slimseg.cli.models import convert, info, models
 from slimseg.cli.segevery import segevery
 from slimseg.cli.segment import segment
+from slimseg.cli.train import train
 
 app = typer.Typer(
     name="slimseg",
@@ -42,13 +45,15 @@ app.command(no_args_is_help=True)(segment)
 app.command(no_args_is_help=True)(segevery)
 app.command(no_args_is_help=True)(prune)
 app.command(no_args_is_help=True)(distill)
+app.command(no_args_is_help=True)(train)
 app.command()(models)
 app.command(no_args_is_help=True)(info)
 app.command(no_args_is_help=True)(convert)
+app.command(no_args_is_help=True)(export)
+app.command("eval-coco", no_args_is_help=True)(eval_coco)
 
 _PLANNED = {
-    "eval-coco": "zero-shot COCO evaluation",
-    "export": "ONNX export and quantisation",
+    "bench": "benchmarks against segment-anything and transformers",
 }
 
 

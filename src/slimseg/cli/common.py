@@ -7,6 +7,7 @@ from typing import Annotated, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slimseg.errors import SlimsegError
 
@@ -19,7 +20,8 @@ class State:
 
 
 def error_line(message: str) -> None:
-    console.print(f"[bold red]slimseg: error:[/] {message}", markup=True, highlight=False)
+    # the message is text, not markup: "slimseg[export]" or "[x, y]" must print as written
+    console.print(f"[bold red]slimseg: error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 @contextlib.contextmanager

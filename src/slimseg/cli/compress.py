@@ -29,12 +29,24 @@ WorkersOption = Annotated[int, typer.Option("--workers", min=0, help="Data-loadi
 LimitOption = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N training images.", show_default=False)]
 
 
-def _device_for_rank(device: str) -> str:
+def device_for_rank(device: str) -> str:
     """Under torchrun each process takes its own GPU."""
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local_rank}"
     return device
+
+
+def starting_model(name_or_path: str, device: torch.device, offline: bool):
+    """A checkpoint, a registered model's weights, or - for a registered architecture without
+    published weights (lite-sam) - a random initialisation, said on stderr."""
+    from slimseg.zoo import build_model
+    from slimseg.zoo.registry import get_spec, is_model_name
+
+    if is_model_name(name_or_path) and get_spec(name_or_path).weights is None and not Path(name_or_path).exists():
+        console.print(f"slimseg: {name_or_path} has no published weights: starting from random initialisation")
+        return build_model(name_or_path, device=device)
+    return load_model(name_or_path, device=device, offline=offline)
 
 
 def _summary(label: str, model: Sam) -> dict:
@@ -51,10 +63,10 @@ def _print_summaries(before: dict, after: dict) -> None:
     console.print(table)
 
 
-def _datasets(data: Path, val: Path | None, img_size: int, limit: int | None):
+def _datasets(data: Path, val: Path | None, img_size: int, limit: int | None, teacher_img_size: int | None = None):
     from slimseg.data.datasets import ImageFolderDataset, SA1BDataset
 
-    train = ImageFolderDataset(data, img_size=img_size, limit=limit)
+    train = ImageFolderDataset(data, img_size=img_size, limit=limit, teacher_img_size=teacher_img_size)
     return train, (SA1BDataset(val, img_size=img_size) if val else None)
 
 
@@ -91,7 +103,7 @@ def prune(
                                      ("--importance", importance, IMPORTANCE_CHOICES)):
             if value not in choices:
                 raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
-        target = resolve_device(_device_for_rank(device))
+        target = resolve_device(device_for_rank(device))
         teacher = load_model(model, device=target, offline=offline)
         train, val_set = _datasets(data, val, teacher.img_size, limit)
         plan = SlimmingPlan(ratio=ratio, stage=stage, mode=mode, importance=importance, grad_images=grad_images,
@@ -111,7 +123,7 @@ def prune(
 
 
 def distill(
-    student: Annotated[str, typer.Option("--student", metavar="PATH", help="Student checkpoint (e.g. from slimseg prune); any supported format.", show_default=False)] = ...,
+    student: Annotated[str, typer.Option("--student", metavar="NAME|PATH", help="Student checkpoint (e.g. from slimseg prune) in any supported format, or lite-sam to start a Lite-SAM from random initialisation.", show_default=False)] = ...,
     teacher: Annotated[str, typer.Option("--teacher", metavar="NAME|PATH", help="Teacher model name or checkpoint.")] = "sam-b",
     data: DataOption = ...,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Run folder: last.ckpt (resumable), best.safetensors, final.safetensors, metrics.jsonl, loss.png.", show_default=False)] = ...,
@@ -131,6 +143,9 @@ def distill(
 ) -> None:
     """Distil a (pruned) student image encoder towards a teacher's image embeddings.
 
+    A student with another input size (lite-sam at 640 px from sam-b at 1024 px) learns the
+    teacher's embedding resized to its own grid.
+
     Runs on many GPUs or machines unchanged under `torchrun --nproc_per_node N`.
     """
     from slimseg.compress.distill import DistillConfig, distill as run_distillation
@@ -141,11 +156,11 @@ def distill(
     with user_errors():
         if align not in ALIGN_CHOICES:
             raise UsageError(f"--align {align!r}: choose one of {', '.join(ALIGN_CHOICES)}")
-        target = resolve_device(_device_for_rank(device))
+        target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
-        student_model = load_model(student, device=target, offline=offline)
+        student_model = starting_model(student, target, offline)
         teacher_model = load_model(teacher, device=target, offline=offline)
-        train, val_set = _datasets(data, val, student_model.img_size, limit)
+        train, val_set = _datasets(data, val, student_model.img_size, limit, teacher_img_size=teacher_model.img_size)
         config = DistillConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, amp=amp,
                                align=align, seed=seed, num_workers=workers)
         result = run_distillation(student_model, teacher_model, train, out, config, val=val_set, resume=resume,

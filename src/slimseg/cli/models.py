@@ -13,10 +13,8 @@ from rich.table import Table
 
 from slimseg.cli.common import OfflineOption, user_errors
 from slimseg.errors import UsageError
-from slimseg.zoo import load_model, save_model
-from slimseg.zoo.checkpoint import read_checkpoint
 from slimseg.zoo.info import describe, registry_rows
-from slimseg.zoo.loading import resolve_checkpoint
+from slimseg.zoo.loading import convert_checkpoint
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 _stdout = Console(soft_wrap=True, highlight=False)
@@ -92,9 +90,4 @@ def convert(
     with user_errors():
         if out.suffix != ".safetensors":
             raise UsageError(f"--out {out}: the file name must end in .safetensors")
-        path = resolve_checkpoint(source, offline=offline)
-        if out.exists() and out.resolve() == path.resolve():
-            raise UsageError(f"--out {out} would overwrite the checkpoint being converted")
-        fmt = read_checkpoint(path).format
-        written = save_model(load_model(path, device="cpu"), out)
-        sys.stdout.write(json.dumps({"source": str(path), "format": fmt, "out": str(written)}) + "\n")
+        sys.stdout.write(json.dumps(convert_checkpoint(source, out, offline=offline)) + "\n")

@@ -85,7 +85,9 @@ def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict]
 def segevery(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders, quoted globs, or - to read paths from stdin.", show_default=False)],
     model: ModelOption = "sam-b",
-    sampler: Annotated[str, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam), about 256 instead of 1024.")] = "grid",
+    sampler: Annotated[str, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam, or a model trained with `slimseg train --stage autoppn`), at most 256 instead of 1024.")] = "grid",
+    max_proposals: Annotated[Optional[int], typer.Option("--max-proposals", min=1, help="AutoPPN sampler: keep at most this many proposed points (the model's top_k, 256, by default).", show_default=False)] = None,
+    proposal_thresh: Annotated[Optional[float], typer.Option("--proposal-thresh", min=0.0, max=0.999, help="AutoPPN sampler: keep heatmap peaks scoring above this (the model's threshold, 0.05, by default).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for the masks (created if missing); without it only the JSON lines are printed.", show_default=False)] = None,
     fmt: Annotated[EveryFormat, typer.Option("--format", "-f", help="rle: OUT/<image>.json, a list of SAM records with COCO RLE (as segment-anything's amg.py --convert-to-rle); png: OUT/<image>/<i>.png masks (0/255) + metadata.csv; coco: OUT/annotations.json for the whole run (images, annotations, one 'object' category).")] = EveryFormat.rle,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png with every mask in colour.")] = False,
@@ -123,6 +125,7 @@ def segevery(
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle",
+            max_proposals=max_proposals, proposal_thresh=proposal_thresh,
         )
         coco = CocoCollector() if fmt is EveryFormat.coco else None
 

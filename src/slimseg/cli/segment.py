@@ -23,6 +23,20 @@ from slimseg.io import atomic_write_text, render_overlay, write_image_png, write
 from slimseg.zoo import load_model
 
 
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+def make_predictor(backend: Backend, model: str, device: str, offline: bool) -> Predictor:
+    """The torch Predictor, or the same API over an export folder run by onnxruntime."""
+    if backend is Backend.onnx:
+        from slimseg.export.runtime import OnnxPredictor, OnnxSam, providers_for
+
+        return OnnxPredictor(OnnxSam(model, providers=providers_for(device)))
+    return Predictor(load_model(model, device=resolve_device(device), offline=offline))
+
+
 class OutputFormat(str, Enum):
     jsonl = "jsonl"
     png = "png"
@@ -101,6 +115,7 @@ def segment(
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="jsonl: COCO-RLE masks in one JSON line per image on stdout (default without --out); png: 0/255 PNG per mask in OUT/<image>/ (default with --out); rle: OUT/<image>.json with COCO-RLE masks.", show_default=False)] = None,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png: the best mask of each prompt in colour, prompts drawn (needs --out).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    backend: Annotated[Backend, typer.Option("--backend", help="torch: the PyTorch model; onnx: run a folder written by `slimseg export --format onnx` (give it as --model) in onnxruntime.")] = Backend.torch,
     device: DeviceOption = "auto",
     offline: OfflineOption = False,
 ) -> None:
@@ -119,8 +134,7 @@ def segment(
             raise UsageError("--overlay writes pictures: give --out DIR")
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
-        target = resolve_device(device)
-        predictor = Predictor(load_model(model, device=target, offline=offline))
+        predictor = make_predictor(backend, model, device, offline)
 
         def process(image: ImageInput) -> dict:
             rgb = read_image(image.path)

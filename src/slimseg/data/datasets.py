@@ -65,10 +65,16 @@ class ImageFolderDataset(Dataset):
         pixel_std: Sequence[float] = SAM_PIXEL_STD,
         limit: int | None = None,
         recursive: bool = False,
+        teacher_img_size: int | None = None,
     ) -> None:
         self.root = Path(root)
         if img_size <= 0:
             raise SlimsegError(f"img_size must be positive, got {img_size}")
+        if teacher_img_size is not None and teacher_img_size <= 0:
+            raise SlimsegError(f"teacher_img_size must be positive, got {teacher_img_size}")
+        # A teacher with another input size (distilling a 640 px student from SAM at 1024 px)
+        # gets its own copy of each image, preprocessed at its size.
+        self.teacher_img_size = teacher_img_size if teacher_img_size != img_size else None
         if limit is not None and limit <= 0:
             raise SlimsegError(f"limit must be positive, got {limit}")
         self.img_size = img_size
@@ -105,24 +111,30 @@ class ImageFolderDataset(Dataset):
             self._warn_once(path, f"skipping image: {exc}")
             return None
         image, input_size = self.preprocess(rgb)
-        return {
+        item = {
             "image": image,
             "path": str(path),
             "original_size": (int(rgb.shape[0]), int(rgb.shape[1])),
             "input_size": input_size,
         }
+        if self.teacher_img_size is not None:
+            item["teacher_image"] = self.preprocess(rgb, self.teacher_img_size)[0]
+        return item
 
-    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """HxWx3 uint8 RGB → ((3, S, S) float32 encoder input, (h, w) resized size).
+    def preprocess(self, rgb: np.ndarray, size: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """HxWx3 uint8 RGB → ((3, S, S) float32 encoder input, (h, w) resized size), with S
+        ``size`` or the dataset's ``img_size``.
 
         Same arithmetic as ``Sam.preprocess`` on ``ResizeLongestSide(S).apply_image(rgb)``,
         so the result matches the model's own bit for bit.
         """
-        resized = self.transform.apply_image(rgb)
+        size = self.img_size if size is None else size
+        transform = self.transform if size == self.img_size else ResizeLongestSide(size)
+        resized = transform.apply_image(rgb)
         pixels = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
         normalised = (pixels - self._mean) / self._std
         height, width = int(resized.shape[0]), int(resized.shape[1])
-        padded = F.pad(normalised, (0, self.img_size - width, 0, self.img_size - height))
+        padded = F.pad(normalised, (0, size - width, 0, size - height))
         return padded, (height, width)
 
     def _warn_once(self, key: Path, message: str) -> None:
@@ -225,7 +237,7 @@ def collate_images(items: list[dict | None]) -> dict | None:
     """Batch dataset items for a ``DataLoader``; ``None`` items (unreadable files) are dropped.
 
     Returns:
-        ``"image"`` stacked to (B, 3, S, S) and every other key as a list of B values, or
+        ``"image"`` (and ``"teacher_image"``) stacked to (B, 3, S, S), every other key as a list of B values, or
         ``None`` when no item is left (the caller skips the batch).
     """
     kept = [item for item in items if item is not None]
@@ -236,7 +248,9 @@ def collate_images(items: list[dict | None]) -> dict | None:
         if list(item) != keys:
             raise SlimsegError(f"cannot batch items with different keys: {keys} and {list(item)}")
     batch: dict[str, Any] = {key: [item[key] for item in kept] for key in keys}
-    batch["image"] = torch.stack(batch["image"])
+    for key in ("image", "teacher_image"):
+        if key in batch:
+            batch[key] = torch.stack(batch[key])
     return batch
 
 

@@ -56,8 +56,12 @@ class Predictor:
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (shape[2], shape[3])
-        self.features = self.model.image_encoder(self.model.preprocess(transformed_image.float()))
+        self.features = self._embed(transformed_image)
         self.is_image_set = True
+
+    def _embed(self, transformed_image: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) embedding of a resized (1, 3, H, W) image; other backends override it."""
+        return self.model.image_encoder(self.model.preprocess(transformed_image.float()))
 
     def _require_image(self) -> None:
         if not self.is_image_set:
@@ -122,20 +126,39 @@ class Predictor:
         Returns:
             masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 256, 256).
         """
+        low_res, iou = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.upscale_masks(low_res)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    @torch.no_grad()
+    def predict_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's outputs before upscaling: low-res logits (B, C, 4h, 4w) and IoU
+        predictions (B, C), for inputs as in :meth:`predict_torch`. Code that filters
+        candidates (``MaskGenerator``) upscales only the survivors with :meth:`upscale_masks`."""
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.mask_decoder(
+        return self.model.mask_decoder(
             image_embeddings=self.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou, low_res
+
+    def upscale_masks(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(B, C, 4h, 4w) low-res logits → (B, C, H, W) logits at the current image's size."""
+        self._require_image()
+        return self.model.postprocess_masks(low_res, self.input_size, self.original_size)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The (1, C, h, w) embedding of the current image."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slimseg.errors import SlimsegError
-from slimseg.modeling.autoppn import AutoPPN, AutoPPNConfig, PointProposals
+from slimseg.modeling.autoppn import AutoPPNConfig
 from slimseg.modeling.complexity import count_macs, count_parameters
 from slimseg.modeling.litevit import LiteViT, LiteViTConfig
 from slimseg.modeling.sam.config import SAM_PIXEL_MEAN, SAM_PIXEL_STD, MaskDecoderConfig, PromptEncoderConfig
@@ -105,23 +105,15 @@ class LiteSam(PromptableSegmenter):
         config.validate()
         super().__init__(
             LiteViT(config.litevit), config.litevit.img_size, config.litevit.embedding_size, config.prompt_encoder,
-            config.mask_decoder, config.pixel_mean, config.pixel_std, config.mask_threshold,
+            config.mask_decoder, config.pixel_mean, config.pixel_std, config.mask_threshold, config.autoppn,
         )
         self.config = config
-        self.autoppn = AutoPPN(config.autoppn)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass for both heads: preprocessed (B, 3, S, S) → image embedding
         (B, 256, S/16, S/16) and AutoPPN heatmap logits (B, num_groups, S/16, S/16)."""
         embedding = self.image_encoder(x)
         return embedding, self.autoppn(embedding)
-
-    def propose_points(
-        self, embedding: torch.Tensor, valid_size: tuple[int, int] | None = None
-    ) -> list[PointProposals]:
-        """AutoPPN point prompts (input-frame xy) for a (B, 256, h, w) embedding; ``valid_size``
-        (h, w) drops the ones in the padding."""
-        return self.autoppn.propose(embedding, self.img_size, valid_size)
 
 
 def lite_sam_budget(config: LiteSamConfig) -> dict[str, dict[str, int]]:

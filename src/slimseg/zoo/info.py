@@ -42,7 +42,8 @@ def complexity(config: ModelConfig) -> dict[str, Any]:
     encoder_macs = count_macs(model.image_encoder, image)
     decoder_macs = count_macs(_Decode())
     parts = {name: count_parameters(getattr(model, name))
-             for name in ("image_encoder", "autoppn", "prompt_encoder", "mask_decoder") if hasattr(model, name)}
+             for name in ("image_encoder", "autoppn", "prompt_encoder", "mask_decoder")
+             if getattr(model, name, None) is not None}
     return {
         "input_size": size,
         "parameters": {**parts, "total": count_parameters(model)},

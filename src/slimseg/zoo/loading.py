@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from slimseg.devices import resolve_device
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.zoo.families import Model, ModelConfig, is_model, model_from_config
 from slimseg.zoo.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint
 from slimseg.zoo.download import download_file, mirror_url
@@ -62,3 +62,18 @@ def save_model(model: Model, path: str | Path) -> Path:
     if not is_model(model):
         raise SlimsegError(f"save_model expects a slimseg model (Sam or LiteSam), got {type(model).__name__}")
     return save_checkpoint(model, path)
+
+
+def convert_checkpoint(name_or_path: str | Path, out: str | Path, offline: bool = False) -> dict[str, str]:
+    """Any supported checkpoint (or registry name) → slimseg safetensors at ``out``.
+
+    Returns {"source": checkpoint path, "format": its detected format, "out": written path}.
+    Shared by ``slimseg convert`` and ``slimseg export --format safetensors``.
+    """
+    out = Path(out)
+    path = resolve_checkpoint(name_or_path, offline=offline)
+    if out.exists() and out.resolve() == path.resolve():
+        raise UsageError(f"--out {out} would overwrite the checkpoint being converted")
+    fmt = read_checkpoint(path).format
+    written = save_model(load_model(path, device="cpu"), out)
+    return {"source": str(path), "format": fmt, "out": str(written)}

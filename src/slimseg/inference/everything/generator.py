@@ -32,6 +32,7 @@ from slimseg.inference.everything.rle import (
     rle_to_mask,
 )
 from slimseg.inference.predictor import Predictor
+from slimseg.modeling.autoppn import propose_points
 
 __all__ = ["MaskGenerator", "PointProposer"]
 
@@ -72,7 +73,9 @@ class MaskGenerator:
     segment-anything's ``SamAutomaticMaskGenerator`` and the records are the same.
     ``sampler="autoppn"`` replaces each crop's point grid by the points of
     ``point_proposer(crop, predictor)`` (called after the crop is embedded), or of the
-    model's own AutoPPN (``model.propose_points``, lite-sam) when no proposer is given.
+    model's own AutoPPN (``model.autoppn``: lite-sam, or SAM + AutoPPN from ``slimseg train
+    --stage autoppn``) when no proposer is given; ``max_proposals`` and ``proposal_thresh``
+    then override its top_k (256) and peak score threshold (0.05).
 
     ``last_timings`` holds seconds per stage of the latest ``generate`` call
     (encoder, proposer, decoder, postprocess, total).
@@ -96,8 +99,12 @@ class MaskGenerator:
         output_mode: str = "binary_mask",
         sampler: str = "grid",
         point_proposer: PointProposer | None = None,
+        max_proposals: int | None = None,
+        proposal_thresh: float | None = None,
     ) -> None:
-        if not all(hasattr(model, part) for part in ("image_encoder", "prompt_encoder", "mask_decoder")):
+        # an exported model (slimseg.export.runtime.OnnxSam) brings its own Predictor
+        exported = callable(getattr(model, "make_predictor", None))
+        if not exported and not all(hasattr(model, part) for part in ("image_encoder", "prompt_encoder", "mask_decoder")):
             raise SlimsegError(f"MaskGenerator needs a SAM-family model, got {type(model).__name__}")
         self.point_grids = check_generator_options(
             points_per_side=points_per_side, points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
@@ -107,9 +114,15 @@ class MaskGenerator:
             point_grids=point_grids, min_mask_region_area=min_mask_region_area, output_mode=output_mode,
             sampler=sampler, point_proposer=point_proposer,
         )
+        if (max_proposals is not None or proposal_thresh is not None) and (sampler != "autoppn" or point_proposer):
+            raise SlimsegError("max_proposals and proposal_thresh apply to the model's own AutoPPN (sampler='autoppn')")
+        if max_proposals is not None and max_proposals < 1:
+            raise SlimsegError(f"max_proposals must be >= 1, got {max_proposals}")
+        if proposal_thresh is not None and not 0.0 <= proposal_thresh < 1.0:
+            raise SlimsegError(f"proposal_thresh must be in [0, 1), got {proposal_thresh}")
         if sampler == "autoppn" and point_proposer is None:
-            point_proposer = _model_proposer(model)
-        self.predictor = Predictor(model)
+            point_proposer = _model_proposer(model, max_proposals, proposal_thresh)
+        self.predictor = model.make_predictor() if exported else Predictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -212,22 +225,25 @@ class MaskGenerator:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), dtype=dtype, device=device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        logits, iou_preds, _ = self.predictor.predict_torch(
-            coords[:, None, :], labels[:, None], multimask_output=True, return_logits=True
-        )
-        clock.charge("decoder", since)
-
-        per_point = logits.shape[1]
+        low_res, iou_preds = self.predictor.predict_low_res(coords[:, None, :], labels[:, None], multimask_output=True)
+        per_point = low_res.shape[1]
         data = MaskBatch(
-            masks=logits.flatten(0, 1),
+            low_res=low_res.flatten(0, 1),
             iou_preds=iou_preds.flatten(0, 1),
             points=torch.as_tensor(np.repeat(points, per_point, axis=0)),
         )
-        del logits
-        # A threshold of 0 disables its filter, as in segment-anything (this also keeps
-        # masks whose stability is NaN, i.e. with no pixel above threshold - offset).
+        del low_res
+        # The IoU filter needs no pixels, so it runs before upscaling and only the survivors
+        # are upscaled: the same masks as filtering after, as segment-anything does, for a
+        # fraction of the work (upscaling every candidate dominates the cost otherwise).
         if self.pred_iou_thresh > 0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
+        data["masks"] = self.predictor.upscale_masks(data["low_res"][:, None])[:, 0]
+        del data["low_res"]
+        clock.charge("decoder", since)
+
+        # A threshold of 0 disables its filter, as in segment-anything (this also keeps
+        # masks whose stability is NaN, i.e. with no pixel above threshold - offset).
         threshold = self.predictor.model.mask_threshold
         data["stability_score"] = stability_score(data["masks"], threshold, self.stability_score_offset)
         # Binarised before the next filter, so that it copies bytes rather than float logits.
@@ -297,14 +313,19 @@ def _empty_batch(device: torch.device) -> MaskBatch:
     )
 
 
-def _model_proposer(model: torch.nn.Module) -> PointProposer:
-    """The model's own AutoPPN (lite-sam): proposals for the embedded crop, whose input-frame
-    points (``model.propose_points(embedding, valid_size)``) are mapped back to crop pixels."""
-    if getattr(model, "autoppn", None) is None or not callable(getattr(model, "propose_points", None)):
-        raise SlimsegError("sampler='autoppn' needs a model with AutoPPN (lite-sam) or a point_proposer")
+def _model_proposer(model: torch.nn.Module, top_k: int | None, score_threshold: float | None) -> PointProposer:
+    """The model's own AutoPPN: proposals for the embedded crop, in the input frame, mapped
+    back to crop pixels."""
+    autoppn = getattr(model, "autoppn", None)
+    if autoppn is None:
+        raise SlimsegError("sampler='autoppn' needs a model with an AutoPPN (lite-sam, or one trained with "
+                           "`slimseg train --stage autoppn`) or a point_proposer")
+    top_k = autoppn.config.top_k if top_k is None else top_k
+    score_threshold = autoppn.config.score_threshold if score_threshold is None else score_threshold
 
     def propose(crop: np.ndarray, predictor: Predictor) -> np.ndarray:
-        proposals = model.propose_points(predictor.get_image_embedding(), valid_size=predictor.input_size)[0]
+        logits = autoppn(predictor.get_image_embedding())
+        proposals = propose_points(logits, top_k, score_threshold, model.img_size, predictor.input_size)[0]
         (input_h, input_w), (height, width) = predictor.input_size, predictor.original_size
         points = proposals.points.detach().cpu().double().numpy().reshape(-1, 2)
         return points * np.array([width / input_w, height / input_h])

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from slimseg.errors import SlimsegError
+
+if TYPE_CHECKING:  # modeling.autoppn imports modeling.sam, so the class is imported where used
+    from slimseg.modeling.autoppn import AutoPPNConfig
 
 GLOBAL_ATTENTION = 0  # window_size value for a block that attends over the whole image
 
@@ -109,7 +112,8 @@ class MaskDecoderConfig:
 
 @dataclass(frozen=True)
 class SamConfig:
-    """A whole SAM-family model: image encoder, prompt encoder, mask decoder, normalisation."""
+    """A whole SAM-family model: image encoder, prompt encoder, mask decoder, normalisation,
+    and optionally an AutoPPN point proposer over the image embedding (SAM + AutoPPN)."""
 
     image_encoder: ImageEncoderConfig
     prompt_encoder: PromptEncoderConfig = field(default_factory=PromptEncoderConfig)
@@ -117,9 +121,15 @@ class SamConfig:
     pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
     mask_threshold: float = 0.0
+    autoppn: AutoPPNConfig | None = None
 
     def validate(self) -> "SamConfig":
         self.image_encoder.validate()
+        if self.autoppn is not None:
+            self.autoppn.validate()
+            if self.autoppn.in_chans != self.image_encoder.out_chans:
+                raise SlimsegError(f"AutoPPN in_chans {self.autoppn.in_chans} must equal the image encoder "
+                                   f"out_chans {self.image_encoder.out_chans}")
         if self.image_encoder.out_chans != self.prompt_encoder.embed_dim:
             raise SlimsegError(
                 f"image encoder out_chans {self.image_encoder.out_chans} must equal the prompt "
@@ -130,7 +140,10 @@ class SamConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": "sam", **asdict(self)}
+        data = asdict(self)
+        if self.autoppn is None:  # configs without AutoPPN serialise as they always have
+            del data["autoppn"]
+        return {"family": "sam", **data}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -144,7 +157,13 @@ class SamConfig:
                 raise SlimsegError(f"config describes a {family!r} model, not a SAM-family model")
             encoder = dict(data.pop("image_encoder"))
             blocks = tuple(BlockConfig(**block) for block in encoder.pop("blocks"))
+            autoppn = data.pop("autoppn", None)
+            if autoppn is not None:
+                from slimseg.modeling.autoppn import AutoPPNConfig
+
+                autoppn = AutoPPNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in autoppn.items()})
             return cls(
+                autoppn=autoppn,
                 image_encoder=ImageEncoderConfig(blocks=blocks, **encoder),
                 prompt_encoder=PromptEncoderConfig(**data.pop("prompt_encoder", {})),
                 mask_decoder=MaskDecoderConfig(**data.pop("mask_decoder", {})),

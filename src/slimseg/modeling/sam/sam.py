@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimseg.errors import SlimsegError
+from slimseg.modeling.autoppn import AutoPPN, AutoPPNConfig, PointProposals
 from slimseg.modeling.sam.config import MaskDecoderConfig, PromptEncoderConfig, SamConfig
 from slimseg.modeling.sam.image_encoder import ImageEncoderViT
 from slimseg.modeling.sam.mask_decoder import MaskDecoder
@@ -32,6 +34,7 @@ class PromptableSegmenter(nn.Module):
         pixel_mean: tuple[float, float, float],
         pixel_std: tuple[float, float, float],
         mask_threshold: float,
+        autoppn: AutoPPNConfig | None = None,
     ) -> None:
         super().__init__()
         self.img_size = img_size  # side of the square encoder input
@@ -44,12 +47,22 @@ class PromptableSegmenter(nn.Module):
         )
         self.mask_decoder = MaskDecoder(mask_decoder)
         self.mask_threshold = mask_threshold
+        self.autoppn = AutoPPN(autoppn) if autoppn is not None else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def propose_points(
+        self, embedding: torch.Tensor, valid_size: tuple[int, int] | None = None
+    ) -> list[PointProposals]:
+        """AutoPPN point prompts (input-frame xy) for a (B, C, h, w) embedding; ``valid_size``
+        (h, w) drops the ones in the padding."""
+        if self.autoppn is None:
+            raise SlimsegError("this model has no AutoPPN: train one with `slimseg train --stage autoppn`")
+        return self.autoppn.propose(embedding, self.img_size, valid_size)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise (B, 3, h, w) 0-255 pixels and zero-pad bottom/right to img_size²."""
@@ -75,7 +88,7 @@ class Sam(PromptableSegmenter):
         super().__init__(
             image_encoder if image_encoder is not None else ImageEncoderViT(encoder),
             encoder.img_size, encoder.grid_size, config.prompt_encoder, config.mask_decoder,
-            config.pixel_mean, config.pixel_std, config.mask_threshold,
+            config.pixel_mean, config.pixel_std, config.mask_threshold, config.autoppn,
         )
         self.config = config
 

@@ -1,0 +1,208 @@
+"""Running exported graphs with onnxruntime: ``OnnxSam`` (the exported model) and
+``OnnxPredictor`` (slimseg's ``Predictor`` API on top of it).
+
+No torch module is built here: onnxruntime computes the embedding, the masks and the AutoPPN
+heatmaps. torch tensors are only the containers the Predictor API returns, and the torch
+functions reused are SAM's preprocessing (normalise and pad, for float-input encoders) and
+AutoPPN's peak picking (``propose_points``), so both backends share that code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from slimseg.devices import resolve_device
+from slimseg.errors import SlimsegError
+from slimseg.export.deps import require
+from slimseg.export.graphs import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
+from slimseg.export.manifest import read_manifest
+from slimseg.inference.predictor import Predictor
+from slimseg.modeling.autoppn import PointProposals, propose_points
+from slimseg.modeling.sam.prompt_encoder import LABEL_PADDING
+from slimseg.modeling.sam.sam import normalize_and_pad, upscale_mask_logits
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+                "tensor(double)": np.float64, "tensor(int64)": np.int64}
+
+
+class GraphRunner:
+    """One onnxruntime session; inputs are cast to the graph's declared types and float
+    outputs come back as float32, so callers need not know the variant."""
+
+    def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        ort = require("onnxruntime", "running exported ONNX files")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # constant-folding notices about float16 MatMul are not errors
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise SlimsegError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+        self.input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feed = {name: np.ascontiguousarray(np.asarray(inputs[name]).astype(dtype, copy=False))
+                for name, dtype in self.input_types.items()}
+        outputs = self.session.run(None, feed)
+        return [out.astype(np.float32) if out.dtype == np.float16 else out for out in outputs]
+
+
+def providers_for(device: str) -> list[Any]:
+    """onnxruntime execution providers for a ``--device`` value: auto → CUDA when this
+    onnxruntime has it (onnxruntime-gpu), else CPU; cpu → CPU; cuda[:N] → CUDA or an error."""
+    ort = require("onnxruntime", "running exported ONNX files")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    target = resolve_device(device)
+    if target.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if target.type == "cuda" and has_cuda:
+        return [("CUDAExecutionProvider", {"device_id": target.index or 0}), "CPUExecutionProvider"]
+    raise SlimsegError(f"the onnx backend cannot run on {device}: this onnxruntime offers "
+                       f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu for CUDA)")
+
+
+class OnnxSam:
+    """An exported model folder, with the attributes the Predictor and MaskGenerator read
+    from a torch model (``img_size``, ``mask_threshold``, ``image_format``, ``device``,
+    ``preprocess``, ``autoppn``, ``propose_points``).
+
+    ``variant`` picks float32, int8 or float16 files (default: the manifest's default_variant).
+    """
+
+    def __init__(self, folder: str | Path, variant: str | None = None,
+                 providers: Sequence[Any] = ("CPUExecutionProvider",)) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        variants = self.manifest["variants"]
+        self.variant = variant or self.manifest["default_variant"]
+        if self.variant not in variants:
+            raise SlimsegError(f"{folder}: no {self.variant} files here (exported: {', '.join(variants)})")
+        files = variants[self.variant]
+        self.img_size = int(self.manifest["input_size"])
+        self.mask_threshold = float(self.manifest["mask_threshold"])
+        self.image_format = self.manifest["image_format"]
+        self.uint8_input = self.manifest["image_input"] == "uint8"
+        self.pixel_mean = torch.tensor(self.manifest["pixel_mean"]).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(self.manifest["pixel_std"]).view(-1, 1, 1)
+        self.low_res_size = tuple(self.manifest["low_res_mask_size"])
+        self.encoder = GraphRunner(self.folder / files["image_encoder"], providers)
+        self.decoder = GraphRunner(self.folder / files["decoder"], providers)
+        self.autoppn = GraphRunner(self.folder / files["autoppn"], providers) if "autoppn" in files else None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where the returned tensors live
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """SAM's normalise-and-pad, the same function as the torch model's."""
+        return normalize_and_pad(x, self.pixel_mean, self.pixel_std, self.img_size)
+
+    def postprocess_masks(self, masks: torch.Tensor, input_size: tuple[int, ...],
+                          original_size: tuple[int, ...]) -> torch.Tensor:
+        """SAM's mask upscaling, the same function as the torch model's and the decoder graph's;
+        used by ``Predictor.upscale_masks`` when only some low-res masks need upscaling."""
+        return upscale_mask_logits(masks, self.img_size, input_size, original_size)
+
+    def embed(self, image: torch.Tensor) -> np.ndarray:
+        """(B, 3, h, w) resized 0-255 image, max(h, w) == img_size → (B, C, h', w') embedding."""
+        if self.uint8_input:
+            pixels = image.round().clamp(0, 255).to(torch.uint8) if image.is_floating_point() else image
+            return self.encoder.run({"image": pixels.cpu().numpy()})[0]
+        return self.encoder.run({"image": self.preprocess(image.float().cpu()).numpy()})[0]
+
+    def decode(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the decoder graph on its six inputs (see slimseg.export.graphs)."""
+        return self.decoder.run(inputs)
+
+    def propose_points(self, embedding: torch.Tensor, valid_size: tuple[int, int] | None = None) -> list[PointProposals]:
+        """AutoPPN point prompts, as ``LiteSam.propose_points``: heatmaps from onnxruntime, peaks
+        picked by the same ``propose_points`` as the torch model."""
+        if self.autoppn is None:
+            raise SlimsegError(f"{self.folder}: this export has no AutoPPN graph")
+        logits = torch.from_numpy(self.autoppn.run({"image_embeddings": np.asarray(embedding)})[0])
+        settings = self.manifest["autoppn"]
+        return propose_points(logits, settings["top_k"], settings["score_threshold"], self.img_size, valid_size)
+
+    def make_predictor(self) -> "OnnxPredictor":
+        return OnnxPredictor(self)
+
+
+class OnnxPredictor(Predictor):
+    """slimseg's ``Predictor`` (segment-anything's SamPredictor API) over exported files."""
+
+    model: OnnxSam
+
+    def __init__(self, model: OnnxSam | str | Path) -> None:
+        super().__init__(model if isinstance(model, OnnxSam) else OnnxSam(model))
+
+    def _embed(self, transformed_image: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.model.embed(transformed_image))
+
+    def _decoder_inputs(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
+                        boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """The torch path's tokens as one padded point list: points, then one padding point
+        when there is no box (as the prompt encoder adds), then the box corners (labels 2, 3)."""
+        coords, labels = [], []
+        if point_coords is not None:
+            coords.append(point_coords.detach().cpu().float().numpy())
+            labels.append(point_labels.detach().cpu().float().numpy())
+            if boxes is None:
+                batch = coords[0].shape[0]
+                coords.append(np.zeros((batch, 1, 2), np.float32))
+                labels.append(np.full((batch, 1), LABEL_PADDING, np.float32))
+        if boxes is not None:
+            corners = boxes.detach().cpu().float().numpy().reshape(-1, 2, 2)
+            coords.append(corners)
+            labels.append(np.tile(np.float32([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]), (len(corners), 1)))
+        if not coords:
+            raise SlimsegError("the onnx backend needs point or box prompts")
+        if mask_input is None:
+            masks, has_mask = np.zeros((1, 1, *self.model.low_res_size), np.float32), np.zeros(1, np.float32)
+        else:
+            masks, has_mask = mask_input.detach().cpu().float().numpy(), np.ones(1, np.float32)
+        return {
+            "image_embeddings": self.features.numpy(),
+            "point_coords": np.concatenate(coords, axis=1),
+            "point_labels": np.concatenate(labels, axis=1),
+            "mask_input": masks,
+            "has_mask_input": has_mask,
+            "orig_im_size": np.array(self.original_size, np.float32),
+        }
+
+    def predict_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``Predictor.predict_low_res``: (B, C, 4h, 4w) low-res logits and (B, C) IoU."""
+        _, iou, low_res = self.predict_torch(point_coords, point_labels, boxes, mask_input, multimask_output, True)
+        return low_res, iou
+
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``Predictor.predict_torch``: (B, C, H, W) masks, (B, C) IoU, (B, C, 4h, 4w) logits."""
+        self._require_image()
+        if point_coords is not None and point_labels is None:
+            raise SlimsegError("point_labels must be given with point_coords")
+        masks, iou, low_res = self.model.decode(self._decoder_inputs(point_coords, point_labels, boxes, mask_input))
+        # output 0 is the single-mask answer, 1..3 the multimask candidates (as MaskDecoder.forward)
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        masks, iou, low_res = (torch.from_numpy(np.ascontiguousarray(a[:, selected])) for a in (masks, iou, low_res))
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
