@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from torch.utils.data import Dataset
 
 from slimseg.compress.distill_config import DistillConfig, DistillResult
-from slimseg.compress.distributed import init_distributed_from_env, is_distributed
+from slimseg.compress.distributed import init_distributed_from_env, process_group
 from slimseg.compress.losses import FeatureTaps, match_features
 from slimseg.compress.objectives import EmbeddingDistillation
 from slimseg.compress.progress import TrainingProgress
@@ -83,19 +82,14 @@ def distill(
         console: where the progress bars go (rank 0, terminals only); stderr by default.
 
     Under torchrun (``WORLD_SIZE`` > 1) the process group is started here if needed (and
-    destroyed again at the end); the encoder is wrapped in DistributedDataParallel.
+    destroyed again at the end); the objective (student encoder and teacher) is wrapped in
+    DistributedDataParallel, which syncs the gradients of the student encoder.
     """
     config.validate()
     out_dir = Path(out_dir)
-    was_distributed = is_distributed()
-    rank, world = init_distributed_from_env()
-    owns_group = not was_distributed and is_distributed()
-    try:
+    with process_group() as (rank, world):
         return _distill(student, teacher, train, out_dir, config, val, resume, resolve_device(device),
                         on_epoch_end, console, rank, world)
-    finally:
-        if owns_group and is_distributed():
-            dist.destroy_process_group()
 
 
 def _distill(student: Sam, teacher: Sam, train: Dataset, out_dir: Path, config: DistillConfig,

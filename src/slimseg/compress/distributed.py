@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ __all__ = [
     "all_true",
     "broadcast_float",
     "init_distributed_from_env",
+    "process_group",
     "is_distributed",
     "mean_across_ranks",
     "rank_and_world",
@@ -55,6 +58,20 @@ def init_distributed_from_env() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
     return rank_and_world()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """``init_distributed_from_env`` for the duration of a run: yields (rank, world size) and
+    destroys the group on exit if it was started here (a caller's own group is left alone)."""
+    was_distributed = is_distributed()
+    rank, world = init_distributed_from_env()
+    owns_group = not was_distributed and is_distributed()
+    try:
+        yield rank, world
+    finally:
+        if owns_group and is_distributed():
+            dist.destroy_process_group()
 
 
 def _scalar_device() -> torch.device:

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
 from slimseg.compress.distill import point_miou_validator
 from slimseg.compress.distill_config import DistillConfig, DistillResult
-from slimseg.compress.distributed import init_distributed_from_env, is_distributed
+from slimseg.compress.distributed import process_group
 from slimseg.compress.progress import TrainingProgress
 from slimseg.compress.supervised import HeatmapSupervision, MaskSupervision
 from slimseg.compress.training_loop import TrainingTask, load_resume_state, run_training
@@ -97,13 +96,10 @@ def train(
         raise SlimsegError(f"max_masks must be >= 1, got {max_masks}")
     if heatmap_weight < 0:
         raise SlimsegError(f"heatmap_weight must be >= 0, got {heatmap_weight}")
-    was_distributed = is_distributed()
-    rank, world = init_distributed_from_env()
-    owns_group = not was_distributed and is_distributed()
-    target = resolve_device(device)
-    if world > 1 and target.type == "cuda":
-        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    try:
+    with process_group() as (rank, world):
+        target = resolve_device(device)
+        if world > 1 and target.type == "cuda":
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         model = model.to(target)
         if stage == "autoppn":
             model = with_autoppn(model)
@@ -121,6 +117,3 @@ def train(
         state = load_resume_state(out_dir, stage, model, config, task.mode) if resume else None
         progress = TrainingProgress(console, enabled=rank == 0)
         return model, run_training(task, data, out_dir, config, target, state, progress, on_epoch_end)
-    finally:
-        if owns_group and is_distributed():
-            dist.destroy_process_group()
