@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import slimseg
+from slimseg.allocator import tune_cpu_allocator
 from slimseg.compress.distill_config import DistillConfig
 from slimseg.compress.train import train
 from slimseg.data.datasets import SA1BDataset
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as the slimseg command does
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         model = _train_autoppn(root, args.train_images, args.epochs)

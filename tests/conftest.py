@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from loopback import server  # noqa: F401  (fixture shared by the download tests)
+from reference import import_segment_anything
 
-if importlib.util.find_spec("torchvision") is None:
-    # segment-anything binds the stand-in's functions at import; the stand-in is then hidden
-    # again so that transformers does not mistake it for the real torchvision.
-    _STUBS = str(Path(__file__).parent / "reference_stubs")
-    sys.path.insert(0, _STUBS)
-    try:
-        import segment_anything  # noqa: F401
-    finally:
-        sys.path.remove(_STUBS)
-        for _name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[_name]
+from slimseg.modeling.sam import SamConfig, sam_vit_config
 
-from loopback import server  # noqa: E402,F401  (fixture shared by the download tests)
-
-from slimseg.modeling.sam import SamConfig, sam_vit_config  # noqa: E402
+# before any test imports transformers: see import_segment_anything
+import_segment_anything()
 
 
 def tiny_config(**overrides) -> SamConfig:
@@ -52,15 +39,6 @@ def random_tiny_model(seed: int):
             if "norm" not in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model
-
-
-def real_photo() -> np.ndarray:
-    """A real photograph (Grace Hopper, 512x600, shipped with matplotlib) as HxWx3 uint8 RGB."""
-    from importlib.resources import files
-
-    from slimseg.data.images import read_image
-
-    return read_image(files("matplotlib") / "mpl-data" / "sample_data" / "grace_hopper.jpg")
 
 
 def photo(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:

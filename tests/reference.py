@@ -1,13 +1,50 @@
-"""Builders for segment-anything reference models with the same weights as slimseg's."""
+"""The numerical references (segment-anything, transformers) built with known weights, and
+the images they are compared on; shared by the tests and benchmarks/compare_references.py."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from functools import partial
+from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from slimseg.modeling.sam import SamConfig
+_STUBS = Path(__file__).parent / "reference_stubs"
+
+
+def import_segment_anything() -> ModuleType:
+    """``import segment_anything``, with tests/reference_stubs' torchvision stand-in where
+    torchvision is not installed.
+
+    segment-anything binds the stand-in's functions at import; the stand-in is then hidden
+    again so that transformers does not mistake it for the real torchvision.
+    """
+    if "segment_anything" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return importlib.import_module("segment_anything")
+    sys.path.insert(0, str(_STUBS))
+    try:
+        return importlib.import_module("segment_anything")
+    finally:
+        sys.path.remove(str(_STUBS))
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+
+import_segment_anything()
+
+from segment_anything.modeling import (  # noqa: E402
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from slimseg.modeling.sam import SamConfig  # noqa: E402
 
 
 def reference_sam(config: SamConfig) -> Sam:
@@ -51,3 +88,29 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
         state[key] = base + scale * noise
     model.load_state_dict(state)
     return state
+
+
+def transformers_slimsam_77():
+    """A random-init transformers ``SamModel`` with SlimSAM-77-uniform's config (hidden size
+    168, MLP 696); its position tables, which start at zero, get random values too so that
+    they influence the outputs."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SamConfig(vision_config={"hidden_size": 168, "mlp_dim": 696})
+    model = transformers.SamModel(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name or "embed" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def real_photo() -> np.ndarray:
+    """A real photograph (Grace Hopper, 512x600, shipped with matplotlib) as HxWx3 uint8 RGB."""
+    from importlib.resources import files
+
+    from slimseg.data.images import read_image
+
+    return read_image(files("matplotlib") / "mpl-data" / "sample_data" / "grace_hopper.jpg")

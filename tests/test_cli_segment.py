@@ -54,18 +54,13 @@ def assert_one_line_error(result, *fragments: str, code: int | None = None) -> N
 def test_help_lists_the_subcommands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for name in ("prune", "distill", "segment", "segevery", "eval-coco", "export"):
+    for name in ("prune", "distill", "segment", "segevery", "eval-coco", "export", "bench"):
         assert name in result.stdout
 
 
 def test_version_and_module_entry_point():
     completed = subprocess.run([sys.executable, "-m", "slimseg", "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == f"slimseg {slimseg.__version__}"
-
-
-def test_planned_command_says_so_and_fails():
-    result = invoke("bench", "--model", "sam-b")
-    assert_one_line_error(result, "slimseg bench", "not built yet", code=1)
 
 
 def test_box_prompt_gives_a_json_line_matching_the_predictor(model_path, images):
@@ -83,6 +78,14 @@ def test_box_prompt_gives_a_json_line_matching_the_predictor(model_path, images)
     masks, scores, _ = predictor.predict(box=np.array([10, 20, 100, 90]), multimask_output=False)
     np.testing.assert_array_equal(mask, masks[0])
     assert mask_record["score"] == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_bfloat16_gives_nearly_the_float32_mask(model_path, images):
+    records = [json.loads(invoke("segment", images / "a.jpg", "-m", model_path, "-b", "10,20,100,90", "--dtype", dtype,
+                                 "--device", "cpu").stdout) for dtype in ("float32", "bfloat16")]
+    full, low = (decode_rle(record["masks"][0]["segmentation"]) for record in records)
+    assert (full != low).mean() < 0.05
+    assert abs(records[0]["masks"][0]["score"] - records[1]["masks"][0]["score"]) < 0.05
 
 
 def test_multimask_points_and_several_boxes_in_one_run(model_path, images):
@@ -165,6 +168,8 @@ def test_box_sticking_out_is_clipped_and_point_outside_is_refused(model_path, im
         (["IMG", "-b", "0,0,5,5", "--overlay"], ["--out"], 2),
         (["IMG", "-b", "0,0,5,5", "-p", "1,1", "-b", "1,1,4,4"], ["ambiguous"], 2),
         (["IMG", "--prompts", "nope.json"], ["nope.json"], 1),
+        (["IMG", "-b", "0,0,5,5", "--dtype", "float64"], ["unknown dtype 'float64'"], 1),
+        (["IMG", "-b", "0,0,5,5", "--dtype", "bfloat16", "--backend", "onnx"], ["--dtype applies to --backend torch"], 2),
     ],
 )
 def test_bad_input_gives_one_clear_line(model_path, images, args, fragments, code):

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import photo, real_photo, tiny_config
+from conftest import photo, tiny_config
 from pycocotools import mask as mask_utils
-from reference import randomise, reference_sam
+from reference import randomise, real_photo, reference_sam
 
 import slimseg
 from slimseg.errors import SlimsegError

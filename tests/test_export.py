@@ -101,6 +101,11 @@ def test_decoder_graph_matches_the_torch_predictor(tiny, predictors):
         want, _, _ = torch_predictor.predict_torch(None, None, boxes, mask_input, multimask_output=False, return_logits=True)
         masks, _, _ = graph(torch_predictor.features, *corners, mask_input, torch.ones(1), size)
         _close(masks[:, :1], want, 1e-5)
+        # one mask shared by both prompts
+        want, _, _ = torch_predictor.predict_torch(None, None, boxes, mask_input[:1].expand(2, -1, -1, -1),
+                                                   multimask_output=False, return_logits=True)
+        masks, _, _ = graph(torch_predictor.features, *corners, mask_input[:1], torch.ones(1), size)
+        _close(masks[:, :1], want, 1e-5)
 
 
 def test_onnx_predictor_matches_torch_for_boxes_points_and_masks(predictors):
@@ -124,6 +129,14 @@ def test_onnx_predictor_matches_torch_for_boxes_points_and_masks(predictors):
     got = onnx_predictor.predict(box=np.array([10, 10, 100, 90]), mask_input=low_res[:1], multimask_output=False,
                                  return_logits=True)
     _close(torch.from_numpy(got[0]), torch.from_numpy(want[0]))
+    # a different mask for each prompt: the exported graph must not share the first one
+    per_prompt = torch.from_numpy(low_res[:2, None]).clone()
+    per_prompt[1] = -per_prompt[1]
+    want = torch_predictor.predict_torch(None, None, boxes[:2], per_prompt, multimask_output=False, return_logits=True)
+    got = onnx_predictor.predict_torch(None, None, boxes[:2], per_prompt, multimask_output=False, return_logits=True)
+    for g, w in zip(got, want):
+        _close(g, w)
+    assert not torch.allclose(want[2][0], want[2][1])
 
 
 def test_manifest_describes_the_export(exported, tiny):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import real_photo
-from reference import randomise, reference_sam
+from reference import randomise, real_photo, reference_sam
 
 import slimseg
 from slimseg.modeling.sam import sam_b_config

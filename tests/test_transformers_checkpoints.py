@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import real_photo
+from reference import real_photo, transformers_slimsam_77
 
 import slimseg
 from slimseg.zoo.checkpoint import read_checkpoint
@@ -18,14 +18,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def saved_slimsam_77(tmp_path_factory):
     """A random-init SamModel with SlimSAM-77-uniform's config, saved with save_pretrained."""
-    torch.manual_seed(0)
-    config = transformers.SamConfig(vision_config={"hidden_size": 168, "mlp_dim": 696})
-    model = transformers.SamModel(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name or "embed" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model = transformers_slimsam_77()
     folder = tmp_path_factory.mktemp("hf") / "slimsam-77-uniform"
     model.save_pretrained(folder)
     return model, folder

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from slimseg import __version__
-from slimseg.cli.common import State, error_line
+from slimseg.allocator import tune_cpu_allocator
+from slimseg.cli.bench import bench
+from slimseg.cli.common import State
 from slimseg.cli.compress import distill, prune
 from slimseg.cli.export import export
 from slimseg.cli.eval_coco import eval_coco
@@ -39,6 +41,7 @@ def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     State.debug = debug
+    tune_cpu_allocator()
 
 
 app.command(no_args_is_help=True)(segment)
@@ -51,23 +54,7 @@ app.command(no_args_is_help=True)(info)
 app.command(no_args_is_help=True)(convert)
 app.command(no_args_is_help=True)(export)
 app.command("eval-coco", no_args_is_help=True)(eval_coco)
-
-_PLANNED = {
-    "bench": "benchmarks against segment-anything and transformers",
-}
-
-
-def _planned_command(name: str, summary: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        error_line(f"`slimseg {name}` ({summary}) is not built yet in slimseg {__version__}")
-        raise typer.Exit(1)
-
-    command.__doc__ = f"{summary[0].upper()}{summary[1:]}. [dim](not built yet)[/dim]"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
-
-
-for _name, _summary in _PLANNED.items():
-    _planned_command(_name, _summary)
+app.command(no_args_is_help=True)(bench)
 
 
 def main() -> None:

@@ -53,6 +53,13 @@ DeviceOption = Annotated[
                  envvar="SLIMSEG_DEVICE", show_default=True),
 ]
 
+DtypeOption = Annotated[
+    str,
+    typer.Option("--dtype", metavar="DTYPE", help="Precision of the model's forward passes: float32, bfloat16 or "
+                 "float16 (autocast; outputs stay float32). Low precision pays on GPUs; on CPUs without "
+                 "bfloat16 instructions it is slower.", show_default=True),
+]
+
 ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", metavar="NAME|PATH", help="Registered model name (see `slimseg models`) or a "

@@ -13,11 +13,12 @@ import numpy as np
 import typer
 
 from slimseg.cli.batch import for_each_image
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
 from slimseg.errors import UsageError
+from slimseg.inference.precision import parse_dtype
 from slimseg.inference.masks import decode_rle
 from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
 from slimseg.zoo import load_model
@@ -104,6 +105,7 @@ def segevery(
     min_mask_region_area: Annotated[int, typer.Option("--min-mask-region-area", min=0, help="Remove holes and islands smaller than this many pixels (0 disables).")] = 0,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     offline: OfflineOption = False,
 ) -> None:
     """Segment everything in each image; one JSON line per image (masks, timing) on stdout.
@@ -117,6 +119,7 @@ def segevery(
         if out is None and (overlay or fmt is not EveryFormat.rle):
             raise UsageError("--format png/coco and --overlay write files: give --out DIR")
         inputs = expand_inputs(images, recursive=recursive)
+        parse_dtype(dtype)
         target = resolve_device(device)
         generator = MaskGenerator(
             load_model(model, device=target, offline=offline), sampler=sampler, points_per_side=points_per_side,
@@ -125,7 +128,7 @@ def segevery(
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle",
-            max_proposals=max_proposals, proposal_thresh=proposal_thresh,
+            max_proposals=max_proposals, proposal_thresh=proposal_thresh, dtype=dtype,
         )
         coco = CocoCollector() if fmt is EveryFormat.coco else None
 

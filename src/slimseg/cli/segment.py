@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
+import torch
 import typer
 
 from slimseg.cli.batch import for_each_image
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
+from slimseg.inference.precision import parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
 from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
@@ -28,13 +30,16 @@ class Backend(str, Enum):
     onnx = "onnx"
 
 
-def make_predictor(backend: Backend, model: str, device: str, offline: bool) -> Predictor:
+def make_predictor(backend: Backend, model: str, device: str, offline: bool, dtype: str = "float32") -> Predictor:
     """The torch Predictor, or the same API over an export folder run by onnxruntime."""
+    precision = parse_dtype(dtype)  # before any model is read
     if backend is Backend.onnx:
         from slimseg.export.runtime import OnnxPredictor, OnnxSam, providers_for
 
+        if precision != torch.float32:
+            raise UsageError("--dtype applies to --backend torch; an ONNX export runs at the precision it was exported in")
         return OnnxPredictor(OnnxSam(model, providers=providers_for(device)))
-    return Predictor(load_model(model, device=resolve_device(device), offline=offline))
+    return Predictor(load_model(model, device=resolve_device(device), offline=offline), dtype=precision)
 
 
 class OutputFormat(str, Enum):
@@ -117,6 +122,7 @@ def segment(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     backend: Annotated[Backend, typer.Option("--backend", help="torch: the PyTorch model; onnx: run a folder written by `slimseg export --format onnx` (give it as --model) in onnxruntime.")] = Backend.torch,
     device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     offline: OfflineOption = False,
 ) -> None:
     """Segment objects given by box and point prompts, one JSON line per image on stdout.
@@ -134,7 +140,7 @@ def segment(
             raise UsageError("--overlay writes pictures: give --out DIR")
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
-        predictor = make_predictor(backend, model, device, offline)
+        predictor = make_predictor(backend, model, device, offline, dtype)
 
         def process(image: ImageInput) -> dict:
             rgb = read_image(image.path)

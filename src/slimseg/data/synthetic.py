@@ -17,7 +17,7 @@ from PIL import Image
 from slimseg.errors import SlimsegError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
 
-__all__ = ["write_image_folder", "write_sa1b_folder"]
+__all__ = ["synthetic_image", "write_image_folder", "write_sa1b_folder"]
 
 # Saturated colours far from each other and from the grey background, so shapes stay
 # separable after JPEG compression.
@@ -31,6 +31,13 @@ _PALETTE = np.array(
 _MIN_SIDE = 16
 # Attempts to place one shape without touching the others before giving up on it.
 _PLACEMENT_TRIES = 100
+
+
+def synthetic_image(size: tuple[int, int] = (96, 128), seed: int = 0, objects: int = 3) -> np.ndarray:
+    """One (H, W, 3) uint8 RGB image of the folders' kind, in memory; the same seed gives the
+    same pixels."""
+    _check(1, size, objects)
+    return _draw(np.random.default_rng(seed), size, objects)[0]
 
 
 def write_image_folder(

@@ -64,13 +64,14 @@ class DecoderGraph(nn.Module):
         sparse = sparse + (labels == LABEL_BOX_TOP_LEFT) * encoder.point_embeddings[2].weight
         return sparse + (labels == LABEL_BOX_BOTTOM_RIGHT) * encoder.point_embeddings[3].weight
 
-    def _dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor, batch: int) -> torch.Tensor:
+    def _dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         encoder = self.model.prompt_encoder
         # Multiplying by exactly 0 or 1 gives the torch path's embedding bit for bit, without
         # control flow in the graph.
         no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask_input * encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
-        return dense.expand(batch, -1, *encoder.image_embedding_size)
+        # (mask_batch, C, h, w), left to broadcast against the prompts: one mask for all
+        # prompts or one per prompt, with no copy per prompt in either case
+        return has_mask_input * encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
 
     def forward(
         self,
@@ -81,9 +82,8 @@ class DecoderGraph(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = point_coords.shape[0]
         sparse = self._sparse(point_coords, point_labels)
-        dense = self._dense(mask_input, has_mask_input, batch)
+        dense = self._dense(mask_input, has_mask_input)
         low_res, iou = self.model.mask_decoder.predict_masks(
             image_embeddings, self.model.prompt_encoder.get_dense_pe(), sparse, dense
         )

@@ -6,18 +6,25 @@ import numpy as np
 import torch
 
 from slimseg.errors import SlimsegError
+from slimseg.inference.precision import autocast, parse_dtype
 from slimseg.inference.transforms import ResizeLongestSide
 from slimseg.modeling.sam import Sam
+
+# See Predictor._decoder_chunk (measured on a 2-core x86 CPU with glibc's allocator).
+DECODER_CHUNK_BYTES = 32 * 2**20
 
 
 class Predictor:
     """Compute an image embedding once, then decode any number of prompts against it.
 
     Arguments, shapes and return values match segment-anything's ``SamPredictor``.
+    ``dtype`` ("float32", "bfloat16" or "float16") runs the model under autocast at that
+    precision; embeddings, logits and IoU predictions are always returned as float32.
     """
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, dtype: str | torch.dtype | None = None) -> None:
         self.model = model
+        self.dtype = parse_dtype(dtype)
         self.transform = ResizeLongestSide(model.img_size)
         self.reset_image()
 
@@ -61,7 +68,9 @@ class Predictor:
 
     def _embed(self, transformed_image: torch.Tensor) -> torch.Tensor:
         """(1, C, h, w) embedding of a resized (1, 3, H, W) image; other backends override it."""
-        return self.model.image_encoder(self.model.preprocess(transformed_image.float()))
+        with autocast(self.device, self.dtype):
+            features = self.model.image_encoder(self.model.preprocess(transformed_image.float()))
+        return features.float()
 
     def _require_image(self) -> None:
         if not self.is_image_set:
@@ -145,15 +154,46 @@ class Predictor:
         predictions (B, C), for inputs as in :meth:`predict_torch`. Code that filters
         candidates (``MaskGenerator``) upscales only the survivors with :meth:`upscale_masks`."""
         self._require_image()
+        given = [t for t in (point_coords, boxes, mask_input) if t is not None]
+        prompts = given[0].shape[0] if given else 1
+        step = self._decoder_chunk()
+        if prompts <= step:
+            return self._decode(point_coords, point_labels, boxes, mask_input, multimask_output)
+        parts = [
+            self._decode(*(None if t is None else t[start : start + step]
+                           for t in (point_coords, point_labels, boxes, mask_input)), multimask_output)
+            for start in range(0, prompts, step)
+        ]
+        return torch.cat([low_res for low_res, _ in parts]), torch.cat([iou for _, iou in parts])
+
+    def _decoder_chunk(self) -> int:
+        """Prompts decoded together. On the CPU, as many as keep the decoder's largest
+        intermediate (the upscaled features, 8·h·w·C bytes a prompt) near DECODER_CHUNK_BYTES:
+        larger batches spend more time faulting in fresh memory than they save."""
+        if self.device.type != "cpu":
+            return 2**31
+        _, channels, height, width = self.features.shape
+        return max(1, DECODER_CHUNK_BYTES // (8 * height * width * channels))
+
+    def _decode(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        with autocast(self.device, self.dtype):
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+        return low_res.float(), iou.float()
 
     def upscale_masks(self, low_res: torch.Tensor) -> torch.Tensor:
         """(B, C, 4h, 4w) low-res logits → (B, C, H, W) logits at the current image's size."""

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimseg.modeling.sam.fast_paths import plain_compute
+
 _LAYER_OPS = frozenset({"convolution", "_convolution", "addmm", "linear"})
 
 
@@ -30,8 +32,12 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def count_macs(module: nn.Module, *inputs: torch.Tensor) -> MacCount:
-    """MACs of ``module(*inputs)``; run it on meta-device copies to count without computing."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """MACs of ``module(*inputs)``; run it on meta-device copies to count without computing.
+
+    The plain graph is counted (see :mod:`slimseg.modeling.sam.fast_paths`): the
+    architecture's MACs, as the papers count them, whatever shortcuts inference takes.
+    """
+    with plain_compute(), FlopCounterMode(display=False) as counter, torch.no_grad():
         module(*inputs)
     layers = attention = 0
     for op, flops in counter.get_flop_counts()["Global"].items():

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from slimseg.modeling.complexity import count_macs, count_parameters
+from slimseg.modeling.complexity import MacCount, count_macs, count_parameters
 from slimseg.modeling.sam import SamConfig
 from slimseg.zoo.families import Model, ModelConfig, model_from_config
 from slimseg.zoo.checkpoint import read_checkpoint, weights_file
@@ -21,26 +21,31 @@ def _meta_model(config: ModelConfig) -> Model:
         return model_from_config(config).requires_grad_(False)
 
 
-def complexity(config: ModelConfig) -> dict[str, Any]:
-    """Parameters per part and MACs at the model's input size (encoder once, decoder per prompt)."""
+def model_macs(config: ModelConfig, prompts: int = 1) -> tuple[MacCount, MacCount]:
+    """MACs of the image encoder on one (1, 3, S, S) image, and of the prompt encoder plus mask
+    decoder on a batch of ``prompts`` single-point prompts with three output masks each,
+    counted on meta-device modules (nothing is allocated or computed)."""
     model = _meta_model(config)
     size = model.img_size
     grid_h, grid_w = model.prompt_encoder.image_embedding_size
     with torch.device("meta"):
         image = torch.empty(1, 3, size, size)
         embedding = torch.empty(1, model.prompt_encoder.embed_dim, grid_h, grid_w)
-        point, label = torch.empty(1, 1, 2), torch.ones(1, 1, dtype=torch.int)
-
-    def decode() -> None:
-        sparse, dense = model.prompt_encoder((point, label), None, None)
-        model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+        point, label = torch.empty(prompts, 1, 2), torch.ones(prompts, 1, dtype=torch.int)
 
     class _Decode(torch.nn.Module):
         def forward(self) -> None:
-            decode()
+            sparse, dense = model.prompt_encoder((point, label), None, None)
+            model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
 
-    encoder_macs = count_macs(model.image_encoder, image)
-    decoder_macs = count_macs(_Decode())
+    return count_macs(model.image_encoder, image), count_macs(_Decode())
+
+
+def complexity(config: ModelConfig) -> dict[str, Any]:
+    """Parameters per part and MACs at the model's input size (encoder once, decoder per prompt)."""
+    model = _meta_model(config)
+    size = model.img_size
+    encoder_macs, decoder_macs = model_macs(config)
     parts = {name: count_parameters(getattr(model, name))
              for name in ("image_encoder", "autoppn", "prompt_encoder", "mask_decoder")
              if getattr(model, name, None) is not None}

@@ -75,7 +75,8 @@ class MaskGenerator:
     ``point_proposer(crop, predictor)`` (called after the crop is embedded), or of the
     model's own AutoPPN (``model.autoppn``: lite-sam, or SAM + AutoPPN from ``slimseg train
     --stage autoppn``) when no proposer is given; ``max_proposals`` and ``proposal_thresh``
-    then override its top_k (256) and peak score threshold (0.05).
+    then override its top_k (256) and peak score threshold (0.05). ``dtype`` is the
+    precision of the model's forward passes (see :class:`~slimseg.inference.predictor.Predictor`).
 
     ``last_timings`` holds seconds per stage of the latest ``generate`` call
     (encoder, proposer, decoder, postprocess, total).
@@ -101,6 +102,7 @@ class MaskGenerator:
         point_proposer: PointProposer | None = None,
         max_proposals: int | None = None,
         proposal_thresh: float | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         # an exported model (slimseg.export.runtime.OnnxSam) brings its own Predictor
         exported = callable(getattr(model, "make_predictor", None))
@@ -122,7 +124,9 @@ class MaskGenerator:
             raise SlimsegError(f"proposal_thresh must be in [0, 1), got {proposal_thresh}")
         if sampler == "autoppn" and point_proposer is None:
             point_proposer = _model_proposer(model, max_proposals, proposal_thresh)
-        self.predictor = model.make_predictor() if exported else Predictor(model)
+        if exported and dtype is not None:
+            raise SlimsegError("dtype applies to PyTorch models; an exported model runs at the precision it was exported in")
+        self.predictor = model.make_predictor() if exported else Predictor(model, dtype=dtype)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh

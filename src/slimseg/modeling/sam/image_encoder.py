@@ -8,6 +8,12 @@ from torch import nn
 
 from slimseg.modeling.sam.common import LayerNorm2d, MLPBlock
 from slimseg.modeling.sam.config import BlockConfig, ImageEncoderConfig
+from slimseg.modeling.sam.fast_paths import fast_paths_enabled
+from slimseg.modeling.sam.rel_pos import rel_pos_attention
+
+
+# Hidden-activation bytes per MLP chunk (see Block._mlp_residual).
+MLP_CHUNK_BYTES = 16 * 2**20
 
 
 class PatchEmbed(nn.Module):
@@ -19,45 +25,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)
-
-
-def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Gather the (q_size, k_size, C) relative-position embeddings from an (L, C) table.
-
-    The table is linearly resized when its length is not ``2 * max(q_size, k_size) - 1``
-    (a checkpoint trained at another resolution).
-    """
-    max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        rel_pos = F.interpolate(rel_pos.t()[None], size=max_rel_dist, mode="linear")[0].t()
-    q_scale = max(k_size / q_size, 1.0)
-    k_scale = max(q_size / k_size, 1.0)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * q_scale
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * k_scale
-    relative = (q_coords - k_coords) + (k_size - 1) * k_scale
-    return rel_pos[relative.long()]
-
-
-def decomposed_rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """Additive attention bias of MViTv2's decomposed relative positions.
-
-    Arguments:
-        q: (B, heads, H*W, C) unscaled queries.
-        size: the (H, W) token grid, the same for queries and keys.
-    Returns:
-        (B, heads, H*W, H*W) bias to add to the scaled q·k logits.
-    """
-    height, width = size
-    batch, heads, _, channels = q.shape
-    table_h = relative_position_table(height, height, rel_pos_h)
-    table_w = relative_position_table(width, width, rel_pos_w)
-    grid_q = q.reshape(batch, heads, height, width, channels)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(batch, heads, height * width, height * width)
 
 
 class Attention(nn.Module):
@@ -100,10 +67,10 @@ class Attention(nn.Module):
             return t.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.q(tokens)), heads(self.k(tokens)), heads(self.v(tokens))
-        bias = None
         if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width), self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, height, width, -1)
         return self.proj(out)
 
@@ -163,7 +130,25 @@ class Block(nn.Module):
         else:
             x = self.attn(x)
         x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        return self._mlp_residual(x)
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm2(x)), a few thousand tokens at a time in CPU inference when the hidden
+        activation would be large (SAM-B: 50 MB), so that its memory is reused from chunk to
+        chunk instead of being faulted in afresh; the tokens are independent, so the result
+        is the same."""
+        hidden_bytes = self.mlp.lin1.out_features * x.element_size()
+        tokens = x.numel() // x.shape[-1]
+        rows = MLP_CHUNK_BYTES // hidden_bytes
+        if rows >= tokens or not fast_paths_enabled() or x.device.type != "cpu" or torch.is_grad_enabled() \
+                or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return x + self.mlp(self.norm2(x))
+        flat = x.reshape(tokens, x.shape[-1])
+        out = torch.empty_like(flat)
+        for start in range(0, tokens, rows):
+            part = flat[start : start + rows]
+            torch.add(part, self.mlp(self.norm2(part)), out=out[start : start + rows])
+        return out.view_as(x)
 
 
 class ImageEncoderViT(nn.Module):

@@ -1,0 +1,60 @@
+"""What a benchmark ran on: device name, torch version, threads, dtype."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimseg.inference.precision import dtype_name
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return cpu_name()
+
+
+def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """device, device_name, cpu, cpu_cores, torch version, torch threads, python, platform and
+    (when given) the dtype, as plain JSON values."""
+    machine: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        machine["cuda"] = torch.version.cuda
+    if dtype is not None:
+        machine["dtype"] = dtype_name(dtype)
+    return machine
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One human line: ``AMD EPYC (cpu), torch 2.13.0, 2 threads, float32``."""
+    parts = [f"{machine['device_name']} ({machine['device']})", f"torch {machine['torch']}",
+             f"{machine['threads']} threads of {machine['cpu_cores']} cores"]
+    if "dtype" in machine:
+        parts.append(machine["dtype"])
+    return ", ".join(parts)

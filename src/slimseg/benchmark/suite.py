@@ -1,0 +1,171 @@
+"""``run_bench``: every stage of one model on one device, with the floor, as one report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimseg.benchmark.floor import MatmulRate, ModelWork, floor_seconds, matmul_rate, model_work
+from slimseg.benchmark.machine import describe_machine
+from slimseg.benchmark.stages import (
+    StagePlan,
+    StageResult,
+    encoder_input,
+    measure_box_prompt,
+    measure_decoder_batch,
+    measure_encoder,
+    measure_segevery,
+    point_batch,
+)
+from slimseg.benchmark.timing import check_runs
+from slimseg.data.synthetic import synthetic_image
+from slimseg.errors import SlimsegError
+from slimseg.inference.everything import MaskGenerator
+from slimseg.inference.precision import dtype_name, parse_dtype
+from slimseg.inference.predictor import Predictor
+from slimseg.modeling.complexity import count_parameters
+
+# The image SegEvery and the box prompt run on when none is given: photo-sized, with shapes.
+DEFAULT_IMAGE_SIZE = (768, 1024)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``run_bench`` measures and how; ``check()`` rejects impossible values."""
+
+    runs: int = 5
+    warmup: int = 1
+    prompts: int = 64
+    segevery: bool = True
+    points_per_side: int = 32
+    dtype: str = "float32"
+    compile: bool = False
+
+    def check(self) -> None:
+        parse_dtype(self.dtype)
+        check_runs(self.runs, self.warmup)
+        if self.prompts < 1:
+            raise SlimsegError(f"prompts must be >= 1, got {self.prompts}")
+        if self.points_per_side < 1:
+            raise SlimsegError(f"points_per_side must be >= 1, got {self.points_per_side}")
+
+    @property
+    def effective_warmup(self) -> int:
+        # compilation happens on the first call of each shape and must not be timed
+        return max(self.warmup, 1) if self.compile else self.warmup
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """The machine, the model's work, the matmul rate and every stage, keyed by stage id
+    (encoder, decoder_batch, box_prompt, segevery_grid, segevery_autoppn)."""
+
+    machine: dict[str, Any]
+    model: dict[str, Any]
+    settings: BenchSettings
+    matmul: MatmulRate
+    stages: dict[str, StageResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"machine": self.machine, "model": self.model, "settings": asdict(self.settings),
+                "matmul": asdict(self.matmul), "stages": {key: stage.to_dict() for key, stage in self.stages.items()}}
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """Replace the model's image encoder and mask decoder by ``torch.compile`` wrappers."""
+    try:
+        model.image_encoder = torch.compile(model.image_encoder)
+        model.mask_decoder = torch.compile(model.mask_decoder)
+    except Exception as error:  # torch raises RuntimeError and others where dynamo is unsupported
+        raise _compile_error(error) from error
+
+
+def _compile_error(error: Exception) -> SlimsegError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return SlimsegError(f"--compile: torch.compile does not work on this machine ({type(error).__name__}: {reason})")
+
+
+def has_autoppn(model: torch.nn.Module) -> bool:
+    return getattr(model, "autoppn", None) is not None
+
+
+def run_bench(
+    model: torch.nn.Module,
+    settings: BenchSettings | None = None,
+    image: np.ndarray | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure ``model`` (a slimseg SAM or Lite-SAM, on its device) stage by stage.
+
+    Arguments:
+        image: HxWx3 uint8 RGB for the encoder, box prompt and SegEvery; by default a
+            generated 768x1024 image with shapes (the same every time).
+        on_stage: called with a one-line description before each stage (progress display).
+    With ``settings.compile`` the model's encoder and decoder are replaced by compiled
+    wrappers (the caller's model is changed).
+    """
+    settings = settings if settings is not None else BenchSettings()
+    settings.check()
+    announce = on_stage if on_stage is not None else (lambda description: None)
+    dtype = parse_dtype(settings.dtype)
+    device = model.device
+    image = synthetic_image(DEFAULT_IMAGE_SIZE, seed=0, objects=8) if image is None else image
+
+    announce(f"measuring the dense matmul rate ({dtype_name(dtype)})")
+    rate = matmul_rate(device, dtype)
+    work = model_work(model.config, settings.prompts)
+    predictor = Predictor(model, dtype=dtype)
+    if settings.compile:
+        announce("compiling the image encoder and mask decoder")
+        compile_model(model)
+        _first_compiled_call(predictor, image, settings.prompts)
+    plan = StagePlan(device, settings.runs, settings.effective_warmup)
+    runs = f"{plan.warmup} warm-up + {plan.runs} timed run(s)"
+
+    stages: dict[str, StageResult] = {}
+    announce(f"image encoder: {runs}")
+    stages["encoder"] = measure_encoder(plan, predictor, image, floor_seconds(work.encoder_macs, rate))
+    announce(f"decoder, batch of {settings.prompts} point prompts: {runs}")
+    stages["decoder_batch"] = measure_decoder_batch(plan, predictor, settings.prompts,
+                                                    floor_seconds(work.decoder_macs, rate))
+    announce(f"one box prompt: {runs}")
+    stages["box_prompt"] = measure_box_prompt(plan, predictor, image)
+    if settings.segevery:
+        side = settings.points_per_side
+        samplers = {"grid": dict(sampler="grid", points_per_side=side)}
+        if has_autoppn(model):
+            samplers["autoppn"] = dict(sampler="autoppn")
+        for name, options in samplers.items():
+            label = f"SegEvery grid {side}x{side}" if name == "grid" else "SegEvery AutoPPN"
+            announce(f"{label}: {runs}")
+            generator = MaskGenerator(model, output_mode="coco_rle", dtype=dtype, **options)
+            stages[f"segevery_{name}"] = measure_segevery(plan, generator, image, label)
+    return BenchReport(describe_machine(device, dtype), _model_facts(model, work), settings, rate, stages)
+
+
+def _first_compiled_call(predictor: Predictor, image: np.ndarray, prompts: int) -> None:
+    """Compile now, so that a machine without a working compiler fails before measuring."""
+    try:
+        with torch.inference_mode():
+            predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
+            predictor.predict_low_res(*point_batch(predictor, prompts), multimask_output=True)
+    except SlimsegError:
+        raise
+    except Exception as error:
+        raise _compile_error(error) from error
+
+
+def _model_facts(model: torch.nn.Module, work: ModelWork) -> dict[str, Any]:
+    return {
+        "family": model.config.to_dict().get("family", "sam"),
+        "img_size": model.img_size,
+        "parameters": count_parameters(model),
+        "autoppn": has_autoppn(model),
+        "encoder_macs": work.encoder_macs,
+        "decoder_macs": work.decoder_macs,
+        "decoder_prompts": work.prompts,
+    }

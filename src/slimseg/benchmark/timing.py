@@ -1,0 +1,55 @@
+"""Wall-clock timing of one repeated piece of work: warm-up runs, then the median of timed runs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slimseg.errors import SlimsegError
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed run (warm-up runs excluded)."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA and MPS kernels run asynchronously, so a
+    clock read without this would time the launch, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def check_runs(runs: int, warmup: int) -> None:
+    if runs < 1:
+        raise SlimsegError(f"runs must be >= 1, got {runs}")
+    if warmup < 0:
+        raise SlimsegError(f"warm-up runs must be >= 0, got {warmup}")
+
+
+def time_runs(work: Callable[[], object], device: torch.device, runs: int, warmup: int = 1) -> Timing:
+    """Call ``work`` ``warmup`` times untimed (allocator, caches, lazy compilation), then
+    ``runs`` times, each timed alone with the device synchronised before and after."""
+    check_runs(runs, warmup)
+    for _ in range(warmup):
+        work()
+    seconds = []
+    for _ in range(runs):
+        synchronize(device)
+        started = time.perf_counter()
+        work()
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return Timing(tuple(seconds))

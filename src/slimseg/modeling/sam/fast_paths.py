@@ -1,0 +1,30 @@
+"""A switch between the fast inference paths and the plain computation they replace.
+
+The fast paths (relative-position bias built in chunks, projections folded onto the few
+prompt tokens, the first decoder layer's image side shared by all prompts, upscaling as
+per-token matrix products) compute what the plain graph computes, up to float rounding.
+``plain_compute()`` turns them off: tests compare the two, and MAC budgets count the plain
+graph, the way the papers count an architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_state = {"enabled": True}
+
+
+def fast_paths_enabled() -> bool:
+    return _state["enabled"]
+
+
+@contextlib.contextmanager
+def plain_compute() -> Iterator[None]:
+    """Run the enclosed model calls without the fast paths (process-wide, not thread-local)."""
+    previous = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = previous

@@ -1,0 +1,125 @@
+"""Attention with MViTv2's decomposed relative positions, as SAM's image encoder uses it.
+
+The relative-position term of query i and key j is ``rel_h[i, row(j)] + rel_w[i, col(j)]``:
+two small (queries, H) and (queries, W) tables whose outer sum is an additive attention bias.
+Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global block of SAM-B,
+allocated fresh (and page-faulted in) on every call. Inference therefore builds it a few
+query rows at a time into one reused buffer that stays in cache, and runs fused attention
+per chunk; training, tracing and compilation take the whole-bias path, which autograd and
+the exporters understand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimseg.modeling.sam.fast_paths import fast_paths_enabled
+
+# Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
+# the allocator to reuse the buffer instead of page-faulting a fresh one on every call. A
+# global block's rows take more: fused attention over few query rows loses more than the
+# buffer costs (measured on a 2-core CPU, SlimSAM-77 and SAM-B global blocks).
+WINDOW_CHUNK_BYTES = 8 * 2**20
+ROW_CHUNK_BYTES = 64 * 2**20
+
+
+def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather the (q_size, k_size, C) relative-position embeddings from an (L, C) table.
+
+    The table is linearly resized when its length is not ``2 * max(q_size, k_size) - 1``
+    (a checkpoint trained at another resolution).
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = F.interpolate(rel_pos.t()[None], size=max_rel_dist, mode="linear")[0].t()
+    q_scale = max(k_size / q_size, 1.0)
+    k_scale = max(q_size / k_size, 1.0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * q_scale
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * k_scale
+    relative = (q_coords - k_coords) + (k_size - 1) * k_scale
+    return rel_pos[relative.long()]
+
+
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the bias.
+
+    Arguments:
+        q: (B, heads, H*W, C) unscaled queries.
+        size: the (H, W) token grid, the same for queries and keys.
+    Returns:
+        rel_h (B, heads, H*W, H) and rel_w (B, heads, H*W, W): the bias of query i and key
+        (r, c) is ``rel_h[..., i, r] + rel_w[..., i, c]``.
+    """
+    height, width = size
+    batch, heads, _, channels = q.shape
+    table_h = relative_position_table(height, height, rel_pos_h.to(q.dtype))
+    table_w = relative_position_table(width, width, rel_pos_w.to(q.dtype))
+    grid_q = q.reshape(batch, heads, height, width, channels)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, heads, height * width, height)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, heads, height * width, width)
+    return rel_h, rel_w
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """The whole (B, heads, H*W, H*W) additive bias, for ``q`` as in :func:`rel_pos_terms`."""
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    batch, heads, queries, _ = rel_h.shape
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, queries, size[0] * size[1])
+
+
+def _needs_whole_bias(q: torch.Tensor) -> bool:
+    """Autograd, tracing and compilation need the plain graph; CUDA has memory to spare and a
+    caching allocator, so only CPU inference gains from chunking."""
+    return (
+        not fast_paths_enabled()
+        or q.device.type != "cpu"
+        or (torch.is_grad_enabled() and q.requires_grad)
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    )
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """softmax(scale·q·kᵀ + bias)·v for (B, heads, H*W, C) q, k and (B, heads, H*W, Cv) v.
+
+    Returns (B, heads, H*W, Cv). Both paths compute the same bias and the same fused
+    attention; they differ only in how much of the bias exists at one time.
+    """
+    if _needs_whole_bias(q):
+        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    batch, heads, queries, _ = q.shape
+    height, width = size
+    item_bytes = heads * queries * height * width * q.element_size()
+    # Whole items (windows) per chunk when one fits the budget, else query rows of one item.
+    items = max(1, min(batch, WINDOW_CHUNK_BYTES // item_bytes))
+    rows = queries if item_bytes <= WINDOW_CHUNK_BYTES else max(1, min(queries, ROW_CHUNK_BYTES * queries // item_bytes))
+    bias = q.new_empty(items, heads, rows, height, width)
+    # (B, Q, heads, Cv) storage, as fused attention returns it, so the caller's
+    # transpose(1, 2).reshape(B, Q, -1) is a view rather than a copy.
+    out = q.new_empty(batch, queries, heads, v.shape[-1]).transpose(1, 2)
+    for first in range(0, batch, items):
+        last = min(first + items, batch)
+        for start in range(0, queries, rows):
+            stop = min(start + rows, queries)
+            chunk = bias[: last - first, :, : stop - start]
+            torch.add(rel_h[first:last, :, start:stop, :, None], rel_w[first:last, :, start:stop, None, :], out=chunk)
+            mask = chunk.view(last - first, heads, stop - start, height * width)
+            out[first:last, :, start:stop] = F.scaled_dot_product_attention(
+                q[first:last, :, start:stop], k[first:last], v[first:last], attn_mask=mask, scale=scale
+            )
+    return out

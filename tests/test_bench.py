@@ -1,0 +1,197 @@
+"""``slimseg bench`` and ``slimseg.benchmark`` on tiny models: every stage, the floor, bad input."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import photo, tiny_config
+from PIL import Image
+from test_train import tiny_lite_sam_config
+from typer.testing import CliRunner
+
+import slimseg
+from slimseg.benchmark import BenchSettings, PeakMemory, floor_seconds, matmul_rate, model_work, run_bench, time_runs
+from slimseg.benchmark.memory import PROCESS_RSS, STAGE_RSS
+from slimseg.cli.app import app
+from slimseg.errors import SlimsegError
+
+runner = CliRunner()
+CPU = ["--device", "cpu", "--threads", "2"]
+FAST = ["--runs", "1", "--warmup", "0", "--points-per-side", "4", "--prompts", "4"]
+FLOORED = ("encoder", "decoder_batch")
+
+
+@pytest.fixture(scope="module")
+def sam_path(tmp_path_factory) -> Path:
+    return slimseg.save_model(slimseg.build_model(tiny_config()), tmp_path_factory.mktemp("sam") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def lite_sam_path(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lite")
+    return slimseg.save_model(slimseg.build_model(tiny_lite_sam_config()), folder / "lite.safetensors")
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "photo.png"
+    Image.fromarray(photo(90, 120, seed=2)).save(path)
+    return path
+
+
+def _bench(*args) -> object:
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def _check_stages(report: dict, expected: set[str]) -> None:
+    assert set(report["stages"]) == expected
+    for key, stage in report["stages"].items():
+        assert stage["median_s"] > 0 and all(seconds > 0 for seconds in stage["seconds"]), key
+        assert stage["rate"] > 0 and stage["peak_memory_bytes"] > 0, key
+        if key in FLOORED:
+            assert 0 < stage["floor_fraction"] <= 1.5 and stage["floor_s"] > 0, key
+        else:
+            assert stage["floor_s"] is None, key
+
+
+def test_cli_measures_every_stage_of_a_sam(sam_path, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench("-m", sam_path, *CPU, *FAST, "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    _check_stages(report, {"encoder", "decoder_batch", "box_prompt", "segevery_grid"})
+    assert set(report["stages"]["segevery_grid"]["parts_median_s"]) == {"encoder", "decoder", "postprocess"}
+    assert report["stages"]["decoder_batch"]["prompts"] == report["model"]["decoder_prompts"] == 4
+    assert report["model"]["name"] == str(sam_path) and not report["model"]["autoppn"]
+    assert report["machine"]["device"] == "cpu" and report["machine"]["threads"] == 2
+    assert report["machine"]["torch"] == torch.__version__ and report["matmul"]["flops_per_second"] > 0
+    for text in ("image encoder", "SegEvery grid 4x4", "of floor", "torch " + torch.__version__):
+        assert text in result.stdout
+    assert "bench: image encoder" in result.stderr  # progress, one line per stage
+
+
+def test_cli_adds_the_autoppn_row_for_lite_sam_and_reads_the_image(lite_sam_path, image_path, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench("-m", lite_sam_path, *CPU, *FAST, "--image", image_path, "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    _check_stages(report, {"encoder", "decoder_batch", "box_prompt", "segevery_grid", "segevery_autoppn"})
+    assert "proposer" in report["stages"]["segevery_autoppn"]["parts_median_s"]
+    assert report["stages"]["box_prompt"]["image"] == [90, 120] and report["image"] == str(image_path)
+    assert report["model"]["family"] == "lite-sam" and report["model"]["autoppn"]
+
+
+def test_no_segevery_and_random_weights_of_a_registered_model(image_path, tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench("-m", "lite-sam", "--random-weights", "--no-segevery", *CPU, *FAST, "--image", image_path,
+                    "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    _check_stages(report, {"encoder", "decoder_batch", "box_prompt"})
+    assert report["model"]["random_weights"] and report["model"]["img_size"] == 640
+
+
+@pytest.mark.parametrize(
+    "args, fragment, code",
+    [
+        (["--dtype", "float8"], "unknown dtype 'float8'", 1),
+        (["--runs", "0"], "--runs", 2),
+        (["--runs", "-2"], "--runs", 2),
+        (["--warmup", "-1"], "--warmup", 2),
+        (["--prompts", "0"], "--prompts", 2),
+        (["--points-per-side", "0"], "--points-per-side", 2),
+        (["--threads", "0"], "--threads", 2),
+        (["--image", "TMP/notes.png"], "cannot read image", 1),
+        (["--json", "TMP/missing/out.json"], "does not exist", 1),
+        (["--json", "TMP"], "is a folder", 1),
+        (["--random-weights"], "--random-weights builds a registered model", 2),
+        pytest.param(["--device", "cuda"], "CUDA is not available", 1,
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    ],
+)
+def test_bad_input_fails_before_measuring_and_writes_nothing(sam_path, tmp_path, args, fragment, code):
+    (tmp_path / "notes.png").write_text("not pixels")
+    before = sorted(tmp_path.iterdir())
+    result = _bench("-m", sam_path, *CPU, *FAST, *(arg.replace("TMP", str(tmp_path)) for arg in args))
+    assert result.exit_code == code, result.output
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert "bench:" not in result.stderr and not result.stdout.strip()
+    assert sorted(tmp_path.iterdir()) == before
+    if code == 1:  # our own errors are one line; typer's range errors come with the usage
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_missing_model_file_is_one_line(tmp_path):
+    result = _bench("-m", tmp_path / "nope.safetensors", "--device", "cpu", "--json", tmp_path / "out.json")
+    assert result.exit_code == 1 and "nope.safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        (BenchSettings(dtype="int8"), "unknown dtype"),
+        (BenchSettings(runs=0), "runs must be >= 1"),
+        (BenchSettings(warmup=-1), "warm-up runs must be >= 0"),
+        (BenchSettings(prompts=0), "prompts must be >= 1"),
+        (BenchSettings(points_per_side=0), "points_per_side must be >= 1"),
+    ],
+)
+def test_library_settings_are_checked(settings, fragment):
+    with pytest.raises(SlimsegError, match=fragment):
+        settings.check()
+
+
+def test_run_bench_on_an_image_without_segevery():
+    model = slimseg.build_model(tiny_config())
+    seen = []
+    report = run_bench(model, BenchSettings(runs=2, warmup=0, prompts=3, segevery=False), image=photo(60, 80),
+                       on_stage=seen.append)
+    assert list(report.stages) == ["encoder", "decoder_batch", "box_prompt"] and len(seen) == 4
+    assert all(len(stage.timing.seconds) == 2 for stage in report.stages.values())
+    work = model_work(tiny_config(), prompts=3)
+    assert report.model["encoder_macs"] == work.encoder_macs > 0
+    encoder = report.stages["encoder"]
+    assert encoder.floor_seconds == pytest.approx(floor_seconds(work.encoder_macs, report.matmul))
+    assert encoder.details["input"] == [1, 3, 192, 256]  # 60x80 resized to the 256 px input
+    json.dumps(report.to_dict())  # plain JSON values only
+
+
+def test_decoder_work_grows_with_the_prompts():
+    one, many = model_work(tiny_config(), prompts=1), model_work(tiny_config(), prompts=8)
+    assert one.encoder_macs == many.encoder_macs
+    assert 7 * one.decoder_macs < many.decoder_macs <= 8 * one.decoder_macs
+
+
+def test_matmul_rate_and_floor():
+    rate = matmul_rate(torch.device("cpu"), torch.float32, runs=1, max_size=256)
+    assert rate.size == 256 and rate.flops_per_second > 0 and rate.dtype == "float32"
+    assert floor_seconds(10**9, rate) == pytest.approx(2e9 / rate.flops_per_second)
+
+
+def test_time_runs_warms_up_then_times_each_run():
+    calls = []
+    timing = time_runs(lambda: calls.append(1), torch.device("cpu"), runs=3, warmup=2)
+    assert len(calls) == 5 and len(timing.seconds) == 3 and timing.median >= 0
+    with pytest.raises(SlimsegError, match="runs must be >= 1"):
+        time_runs(lambda: None, torch.device("cpu"), runs=0)
+
+
+def test_peak_memory_sees_a_stage_allocation():
+    with PeakMemory(torch.device("cpu")) as quiet:
+        pass
+    with PeakMemory(torch.device("cpu")) as busy:
+        # 64 MiB of fresh pages, touched: an anonymous mapping of its own, since malloc may
+        # serve even large blocks from memory the process already holds (slimseg.allocator)
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
+        block.close()
+    assert quiet.kind == busy.kind and busy.kind in (STAGE_RSS, PROCESS_RSS)
+    if busy.kind == STAGE_RSS:  # the peak was reset in between, so it shows the stage's block
+        assert busy.bytes >= quiet.bytes + 48 * 2**20
+    else:
+        assert busy.bytes >= quiet.bytes > 0
