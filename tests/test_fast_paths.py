@@ -16,6 +16,7 @@ from test_train import tiny_lite_sam_config
 
 import slimseg
 import slimseg.inference.predictor as predictor_module
+import slimseg.modeling.sam.image_encoder as image_encoder
 import slimseg.modeling.sam.rel_pos as rel_pos
 from slimseg.errors import SlimsegError
 from slimseg.inference.precision import parse_dtype
@@ -45,6 +46,18 @@ def test_chunked_rel_pos_attention_matches_the_whole_bias(monkeypatch, batch, gr
     _close(got, want, 1e-5)
     # laid out as fused attention returns it, so that merging the heads is a view
     assert got.transpose(1, 2).is_contiguous()
+
+
+def test_chunked_encoder_mlp_matches_the_plain_computation(monkeypatch):
+    """SAM-B's MLP runs on token chunks; a tiny budget makes the tiny model's do the same."""
+    monkeypatch.setattr(image_encoder, "MLP_CHUNK_BYTES", 50 * 96 * 4)  # 50 tokens of 96 hidden floats
+    model = _model("sam")
+    image = torch.rand(1, 3, model.img_size, model.img_size) * 255
+    with torch.inference_mode():
+        fast = model.image_encoder(model.preprocess(image))
+        with plain_compute():
+            plain = model.image_encoder(model.preprocess(image))
+    _close(fast, plain)
 
 
 def test_rel_pos_attention_keeps_the_whole_bias_for_autograd():
@@ -157,13 +170,16 @@ def test_predictor_decodes_many_prompts_in_chunks_with_the_same_results(monkeypa
     predictor.set_image(real_photo())
     prompts = _prompts(7, torch.Generator().manual_seed(1), 1)
     boxes = torch.as_tensor(predictor.transform.apply_boxes(prompts["boxes"].numpy(), predictor.original_size))
-    whole = predictor.predict_low_res(None, None, boxes)
+    shared_mask = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    whole = [predictor.predict_low_res(None, None, boxes), predictor.predict_low_res(None, None, boxes, shared_mask)]
     per_prompt = 8 * predictor.features[0].numel()
     monkeypatch.setattr(predictor_module, "DECODER_CHUNK_BYTES", 3 * per_prompt)
     assert predictor._decoder_chunk() == 3
-    chunked = predictor.predict_low_res(None, None, boxes)
+    chunked = [predictor.predict_low_res(None, None, boxes), predictor.predict_low_res(None, None, boxes, shared_mask)]
     for got, want in zip(chunked, whole):
-        _close(got, want, 1e-5)
+        for got_part, want_part in zip(got, want):
+            _close(got_part, want_part, 1e-5)
+    assert not torch.allclose(whole[0][0], whole[1][0])  # the mask made a difference
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.08), ("float16", 0.01)])

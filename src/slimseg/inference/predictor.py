@@ -159,11 +159,13 @@ class Predictor:
         step = self._decoder_chunk()
         if prompts <= step:
             return self._decode(point_coords, point_labels, boxes, mask_input, multimask_output)
-        parts = [
-            self._decode(*(None if t is None else t[start : start + step]
-                           for t in (point_coords, point_labels, boxes, mask_input)), multimask_output)
-            for start in range(0, prompts, step)
-        ]
+
+        def chunk(t: torch.Tensor | None, start: int) -> torch.Tensor | None:
+            # a tensor of batch 1 (one mask for every prompt) is shared, not sliced
+            return t if t is None or t.shape[0] != prompts else t[start : start + step]
+
+        inputs = (point_coords, point_labels, boxes, mask_input)
+        parts = [self._decode(*(chunk(t, start) for t in inputs), multimask_output) for start in range(0, prompts, step)]
         return torch.cat([low_res for low_res, _ in parts]), torch.cat([iou for _, iou in parts])
 
     def _decoder_chunk(self) -> int:

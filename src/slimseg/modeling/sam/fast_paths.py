@@ -12,11 +12,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
+
 _state = {"enabled": True}
 
 
 def fast_paths_enabled() -> bool:
     return _state["enabled"]
+
+
+def chunked_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether code that works in chunks through reused buffers (``out=``) may run on ``x``:
+    fast paths on, ``x`` on the CPU, no gradient to record, not traced or compiled. On CUDA
+    the caching allocator already reuses memory and larger kernels pay more than chunks."""
+    return (
+        fast_paths_enabled()
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from torch import nn
 
 from slimseg.modeling.sam.common import LayerNorm2d, MLPBlock
 from slimseg.modeling.sam.config import BlockConfig, ImageEncoderConfig
-from slimseg.modeling.sam.fast_paths import fast_paths_enabled
+from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
 from slimseg.modeling.sam.rel_pos import rel_pos_attention
 
 
@@ -140,8 +140,7 @@ class Block(nn.Module):
         hidden_bytes = self.mlp.lin1.out_features * x.element_size()
         tokens = x.numel() // x.shape[-1]
         rows = MLP_CHUNK_BYTES // hidden_bytes
-        if rows >= tokens or not fast_paths_enabled() or x.device.type != "cpu" or torch.is_grad_enabled() \
-                or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if rows >= tokens or not chunked_cpu_inference(x):
             return x + self.mlp(self.norm2(x))
         flat = x.reshape(tokens, x.shape[-1])
         out = torch.empty_like(flat)

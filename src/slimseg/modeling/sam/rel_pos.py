@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimseg.modeling.sam.fast_paths import fast_paths_enabled
+from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
 
 # Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
 # the allocator to reuse the buffer instead of page-faulting a fresh one on every call. A
@@ -72,18 +72,6 @@ def decomposed_rel_pos_bias(
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, queries, size[0] * size[1])
 
 
-def _needs_whole_bias(q: torch.Tensor) -> bool:
-    """Autograd, tracing and compilation need the plain graph; CUDA has memory to spare and a
-    caching allocator, so only CPU inference gains from chunking."""
-    return (
-        not fast_paths_enabled()
-        or q.device.type != "cpu"
-        or (torch.is_grad_enabled() and q.requires_grad)
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-    )
-
-
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,7 +86,7 @@ def rel_pos_attention(
     Returns (B, heads, H*W, Cv). Both paths compute the same bias and the same fused
     attention; they differ only in how much of the bias exists at one time.
     """
-    if _needs_whole_bias(q):
+    if not chunked_cpu_inference(q):
         bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
