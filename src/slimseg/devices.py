@@ -40,3 +40,12 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if index >= count:
         raise SlimsegError(f"device {spec!r} does not exist: this machine has {count} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA and MPS kernels run asynchronously, so a
+    clock read without this would time the launch, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimseg.devices import synchronize
 from slimseg.errors import SlimsegError
 
 
@@ -21,15 +22,6 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device``: CUDA and MPS kernels run asynchronously, so a
-    clock read without this would time the launch, not the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def check_runs(runs: int, warmup: int) -> None:

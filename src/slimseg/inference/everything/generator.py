@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimseg.devices import synchronize
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything.boxes import (
     batched_mask_to_box,
@@ -51,10 +52,7 @@ class _Clock:
         self.started = self.now()
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
+        synchronize(self.device)
         return time.perf_counter()
 
     def charge(self, stage: str, since: float) -> None:
