@@ -22,7 +22,7 @@ from slimseg.errors import SlimsegError
 runner = CliRunner()
 CPU = ["--device", "cpu", "--threads", "2"]
 FAST = ["--runs", "1", "--warmup", "0", "--points-per-side", "4", "--prompts", "4"]
-FLOORED = ("encoder", "decoder_batch")
+FLOORED = ("encoder", "encoder_batch", "decoder_batch")
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,16 @@ def test_cli_adds_the_autoppn_row_for_lite_sam_and_reads_the_image(lite_sam_path
     assert report["model"]["family"] == "lite-sam" and report["model"]["autoppn"]
 
 
-def test_no_segevery_and_random_weights_of_a_registered_model(image_path, tmp_path):
+def test_no_segevery_batch_and_random_weights_of_a_registered_model(image_path, tmp_path):
     out = tmp_path / "bench.json"
-    result = _bench("-m", "lite-sam", "--random-weights", "--no-segevery", *CPU, *FAST, "--image", image_path,
-                    "--json", out)
+    result = _bench("-m", "lite-sam", "--random-weights", "--no-segevery", "--batch-size", "2", *CPU, *FAST,
+                    "--image", image_path, "--json", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    _check_stages(report, {"encoder", "decoder_batch", "box_prompt"})
+    _check_stages(report, {"encoder", "encoder_batch", "decoder_batch", "box_prompt"})
+    batch, single = report["stages"]["encoder_batch"], report["stages"]["encoder"]
+    assert batch["batch"] == 2 and batch["floor_s"] == pytest.approx(2 * single["floor_s"])
+    assert batch["rate"] == pytest.approx(2 / batch["median_s"]) and "batch of 2" in result.stdout
     assert report["model"]["random_weights"] and report["model"]["img_size"] == 640
 
 
@@ -105,6 +108,7 @@ def test_no_segevery_and_random_weights_of_a_registered_model(image_path, tmp_pa
         (["--prompts", "0"], "--prompts", 2),
         (["--points-per-side", "0"], "--points-per-side", 2),
         (["--threads", "0"], "--threads", 2),
+        (["--batch-size", "0"], "--batch-size", 2),
         (["--image", "TMP/notes.png"], "cannot read image", 1),
         (["--json", "TMP/missing/out.json"], "does not exist", 1),
         (["--json", "TMP"], "is a folder", 1),
@@ -139,6 +143,7 @@ def test_missing_model_file_is_one_line(tmp_path):
         (BenchSettings(warmup=-1), "warm-up runs must be >= 0"),
         (BenchSettings(prompts=0), "prompts must be >= 1"),
         (BenchSettings(points_per_side=0), "points_per_side must be >= 1"),
+        (BenchSettings(batch_size=0), "batch_size must be >= 1"),
     ],
 )
 def test_library_settings_are_checked(settings, fragment):

@@ -185,6 +185,12 @@ def test_uint8_input_encoder_has_dynamic_batch_and_size(tiny, tmp_path, predicto
     predictor = OnnxPredictor(model)
     predictor.set_image(photo(120, 160, seed=4))
     _close(predictor.get_image_embedding(), predictors[0].get_image_embedding())
+    # images of different sizes in one embed_images call: each as set_image embeds it
+    pictures = [photo(120, 160, seed=4), photo(90, 40, seed=6)]
+    for picture, embedding in zip(pictures, predictor.embed_images(pictures)):
+        predictors[0].set_image(picture)
+        _close(embedding.features, predictors[0].get_image_embedding())
+    predictors[0].set_image(pictures[0])
 
 
 def test_mask_generator_runs_on_exported_files(tiny, exported):

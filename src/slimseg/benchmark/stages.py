@@ -102,6 +102,16 @@ def measure_encoder(plan: StagePlan, predictor: Predictor, image: np.ndarray, fl
                        floor_seconds=floor, details={"input": list(tensor.shape)})
 
 
+def measure_encoder_batch(plan: StagePlan, predictor: Predictor, image: np.ndarray, batch: int,
+                          floor: float) -> StageResult:
+    """``batch`` copies of the image embedded in one encoder pass (``Predictor.embed_images``,
+    resizing included); the rate is images per second."""
+    images = [image] * batch
+    timing, peak = plan.measure(lambda: predictor.embed_images(images))
+    return StageResult(f"image encoder, batch of {batch}", timing, plan.warmup, peak.bytes, peak.kind,
+                       batch / timing.median, "img/s", floor_seconds=batch * floor, details={"batch": batch})
+
+
 def measure_decoder_batch(plan: StagePlan, predictor: Predictor, prompts: int, floor: float) -> StageResult:
     """``prompts`` single-point prompts decoded together (three low-res masks each), as
     SegEvery decodes its batches: prompt encoder and mask decoder, no upscaling."""

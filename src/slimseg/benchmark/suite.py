@@ -18,6 +18,7 @@ from slimseg.benchmark.stages import (
     measure_box_prompt,
     measure_decoder_batch,
     measure_encoder,
+    measure_encoder_batch,
     measure_segevery,
     point_batch,
 )
@@ -44,10 +45,13 @@ class BenchSettings:
     points_per_side: int = 32
     dtype: str = "float32"
     compile: bool = False
+    batch_size: int = 1
 
     def check(self) -> None:
         parse_dtype(self.dtype)
         check_runs(self.runs, self.warmup)
+        if self.batch_size < 1:
+            raise SlimsegError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.prompts < 1:
             raise SlimsegError(f"prompts must be >= 1, got {self.prompts}")
         if self.points_per_side < 1:
@@ -62,7 +66,7 @@ class BenchSettings:
 @dataclass(frozen=True)
 class BenchReport:
     """The machine, the model's work, the matmul rate and every stage, keyed by stage id
-    (encoder, decoder_batch, box_prompt, segevery_grid, segevery_autoppn)."""
+    (encoder, encoder_batch, decoder_batch, box_prompt, segevery_grid, segevery_autoppn)."""
 
     machine: dict[str, Any]
     model: dict[str, Any]
@@ -128,7 +132,12 @@ def run_bench(
 
     stages: dict[str, StageResult] = {}
     announce(f"image encoder: {runs}")
-    stages["encoder"] = measure_encoder(plan, predictor, image, floor_seconds(work.encoder_macs, rate))
+    encoder_floor = floor_seconds(work.encoder_macs, rate)
+    stages["encoder"] = measure_encoder(plan, predictor, image, encoder_floor)
+    if settings.batch_size > 1:
+        announce(f"image encoder, batch of {settings.batch_size}: {runs}")
+        stages["encoder_batch"] = measure_encoder_batch(plan, predictor, image, settings.batch_size, encoder_floor)
+        predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
     announce(f"decoder, batch of {settings.prompts} point prompts: {runs}")
     stages["decoder_batch"] = measure_decoder_batch(plan, predictor, settings.prompts,
                                                     floor_seconds(work.decoder_macs, rate))

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from slimseg.cli.common import console, error_line
 from slimseg.cli.inputs import ImageInput
+from slimseg.data.images import read_image
 from slimseg.errors import SlimsegError
+
+Embedding = TypeVar("Embedding")
 
 
 def for_each_image(inputs: list[ImageInput], description: str, process: Callable[[ImageInput], dict]) -> None:
@@ -45,3 +50,46 @@ def for_each_image(inputs: list[ImageInput], description: str, process: Callable
         if len(inputs) > 1:
             error_line(f"{failures} of {len(inputs)} image(s) failed")
         raise typer.Exit(1)
+
+
+class EmbeddedImages(Generic[Embedding]):
+    """Images read and embedded ``batch_size`` at a time, in the order ``for_each_image``
+    visits them: ``take(image)`` gives the image's pixels and its entry of
+    ``embed(pixels of its batch)``.
+
+    A file that cannot be read fails alone: its error is raised when its turn comes, and
+    the rest of its batch is embedded without it.
+    """
+
+    def __init__(self, inputs: Sequence[ImageInput], batch_size: int,
+                 embed: Callable[[list[np.ndarray]], list[Embedding]]) -> None:
+        self._inputs = inputs
+        self._batch_size = batch_size
+        self._embed = embed
+        self._taken = 0
+        self._ready: dict[int, tuple[np.ndarray, Embedding] | SlimsegError] = {}
+
+    def take(self, image: ImageInput) -> tuple[np.ndarray, Embedding]:
+        position = self._taken
+        if position >= len(self._inputs) or self._inputs[position] is not image:
+            raise ValueError("EmbeddedImages.take: images must be taken in input order")
+        if position not in self._ready:
+            self._prepare(position)
+        self._taken += 1
+        entry = self._ready.pop(position)
+        if isinstance(entry, SlimsegError):
+            raise entry
+        return entry
+
+    def _prepare(self, first: int) -> None:
+        pixels: dict[int, np.ndarray] = {}
+        for position in range(first, min(first + self._batch_size, len(self._inputs))):
+            try:
+                pixels[position] = read_image(self._inputs[position].path)
+            except SlimsegError as error:
+                self._ready[position] = error
+        if not pixels:
+            return
+        embeddings = self._embed(list(pixels.values()))
+        for (position, rgb), embedding in zip(pixels.items(), embeddings):
+            self._ready[position] = (rgb, embedding)

@@ -91,6 +91,7 @@ def bench(
     segevery: Annotated[bool, typer.Option("--segevery/--no-segevery", help="Also time SegEvery (grid, and AutoPPN when the model has it) per image.")] = True,
     points_per_side: Annotated[int, typer.Option("--points-per-side", min=1, help="SegEvery grid points per side (32 → 1024 prompts).")] = 32,
     image: Annotated[Optional[Path], typer.Option("--image", metavar="PATH", help="Image for the encoder, box prompt and SegEvery (default: a generated 768x1024 image with shapes).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Also time N images in one encoder pass (images per second), as `segment --batch-size N` runs them.")] = 1,
     compile_: Annotated[bool, typer.Option("--compile", help="Wrap the image encoder and mask decoder in torch.compile (compiled during warm-up).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (torch.set_num_threads); default: torch's.", show_default=False)] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build the registered model with random weights instead of loading (speed does not depend on weights).")] = False,
@@ -112,7 +113,8 @@ def bench(
 
     with user_errors():
         settings = BenchSettings(runs=runs, warmup=warmup, prompts=prompts, segevery=segevery,
-                                 points_per_side=points_per_side, dtype=dtype, compile=compile_)
+                                 points_per_side=points_per_side, dtype=dtype, compile=compile_,
+                                 batch_size=batch_size)
         settings.check()
         if json_path is not None:
             _check_json_target(json_path)

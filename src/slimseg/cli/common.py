@@ -53,6 +53,12 @@ DeviceOption = Annotated[
                  envvar="SLIMSEG_DEVICE", show_default=True),
 ]
 
+BatchSizeOption = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, metavar="N", help="Images (or SegEvery crops) embedded together in one "
+                 "encoder pass. Larger batches fill a GPU; on a CPU 1 is fastest.", show_default=True),
+]
+
 DtypeOption = Annotated[
     str,
     typer.Option("--dtype", metavar="DTYPE", help="Precision of the model's forward passes: float32, bfloat16 or "

@@ -12,10 +12,9 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from slimseg.cli.batch import for_each_image
-from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.batch import EmbeddedImages, for_each_image
+from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
-from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
 from slimseg.errors import UsageError
 from slimseg.inference.precision import parse_dtype
@@ -106,6 +105,7 @@ def segevery(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    batch_size: BatchSizeOption = 1,
     offline: OfflineOption = False,
 ) -> None:
     """Segment everything in each image; one JSON line per image (masks, timing) on stdout.
@@ -128,13 +128,14 @@ def segevery(
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle",
-            max_proposals=max_proposals, proposal_thresh=proposal_thresh, dtype=dtype,
+            max_proposals=max_proposals, proposal_thresh=proposal_thresh, dtype=dtype, encoder_batch_size=batch_size,
         )
+        embedded = EmbeddedImages(inputs, batch_size, generator.embed)
         coco = CocoCollector() if fmt is EveryFormat.coco else None
 
         def process(image: ImageInput) -> dict:
-            rgb = read_image(image.path)
-            records = generator.generate(rgb)
+            rgb, embeddings = embedded.take(image)
+            records = generator.generate(rgb, embeddings)
             if out is not None:
                 _write_image_outputs(image, rgb, records, fmt, out, overlay)
             if coco is not None:

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 import typer
 
-from slimseg.cli.batch import for_each_image
-from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.batch import EmbeddedImages, for_each_image
+from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
-from slimseg.data.images import read_image
 from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
@@ -123,6 +122,7 @@ def segment(
     backend: Annotated[Backend, typer.Option("--backend", help="torch: the PyTorch model; onnx: run a folder written by `slimseg export --format onnx` (give it as --model) in onnxruntime.")] = Backend.torch,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    batch_size: BatchSizeOption = 1,
     offline: OfflineOption = False,
 ) -> None:
     """Segment objects given by box and point prompts, one JSON line per image on stdout.
@@ -141,12 +141,13 @@ def segment(
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
         predictor = make_predictor(backend, model, device, offline, dtype)
+        embedded = EmbeddedImages(inputs, batch_size, predictor.embed_images)
 
         def process(image: ImageInput) -> dict:
-            rgb = read_image(image.path)
+            rgb, embedding = embedded.take(image)
             height, width = rgb.shape[:2]
             image_prompts = [fit_to_image(p, height, width) for p in source.for_image(image)]
-            predictor.set_image(rgb)
+            predictor.set_embedding(embedding)
             return _write_outputs(image, rgb, predict_prompts(predictor, image_prompts, multimask), fmt, out, overlay)
 
         for_each_image(inputs, "segmenting", process)

@@ -140,8 +140,10 @@ class OnnxPredictor(Predictor):
     def __init__(self, model: OnnxSam | str | Path) -> None:
         super().__init__(model if isinstance(model, OnnxSam) else OnnxSam(model))
 
-    def _embed(self, transformed_image: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.model.embed(transformed_image))
+    def _embed(self, transformed_images: list[torch.Tensor]) -> torch.Tensor:
+        # one image per call: the exported encoder pads raw pixels itself, so images of
+        # different sizes cannot share a batch
+        return torch.cat([torch.from_numpy(self.model.embed(image)) for image in transformed_images])
 
     def _decoder_inputs(self, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
                         boxes: torch.Tensor | None, mask_input: torch.Tensor | None) -> dict[str, np.ndarray]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from slimseg.devices import synchronize
 from slimseg.errors import SlimsegError
 from slimseg.inference.precision import autocast, parse_dtype
 from slimseg.inference.transforms import ResizeLongestSide
@@ -12,6 +17,23 @@ from slimseg.modeling.sam import Sam
 
 # See Predictor._decoder_chunk (measured on a 2-core x86 CPU with glibc's allocator).
 DECODER_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image's embedding and the sizes that map prompts and masks to its pixels.
+
+    Attributes:
+        features: (1, C, h, w) float32 image embedding, on the predictor's device.
+        original_size: (H, W) of the image as given.
+        input_size: (h, w) of the image resized so that its longest side is ``img_size``.
+        seconds: this image's share of the encoder pass that embedded it.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    seconds: float = 0.0
 
 
 class Predictor:
@@ -41,35 +63,72 @@ class Predictor:
     @torch.no_grad()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed an HxWx3 uint8 image given in ``image_format`` ("RGB" or "BGR")."""
+        self.set_embedding(self.embed_images([image], image_format)[0])
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> list[ImageEmbedding]:
+        """Embed HxWx3 uint8 images of any sizes in one encoder pass (batch len(images)).
+
+        The current image is left as it is; :meth:`set_embedding` makes one of the results
+        current. One pass fills a GPU better than one image at a time; on a CPU it gains
+        nothing (see docs/benchmarks.md), so ``set_image`` is the way there.
+        """
         if image_format not in ("RGB", "BGR"):
             raise SlimsegError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
-        if image_format != self.model.image_format:
-            image = image[..., ::-1]
-        resized = self.transform.apply_image(np.ascontiguousarray(image))
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self.set_torch_image(tensor, image.shape[:2])
+        if len(images) == 0:
+            return []
+        resized, original_sizes = [], []
+        for image in images:
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+            if image_format != self.model.image_format:
+                image = image[..., ::-1]
+            pixels = self.transform.apply_image(np.ascontiguousarray(image))
+            resized.append(torch.as_tensor(pixels, device=self.device).permute(2, 0, 1).contiguous()[None])
+            original_sizes.append((int(image.shape[0]), int(image.shape[1])))
+        synchronize(self.device)
+        started = time.perf_counter()
+        features = self._embed(resized)
+        synchronize(self.device)
+        share = (time.perf_counter() - started) / len(images)
+        return [
+            ImageEmbedding(features[i : i + 1], size, (tensor.shape[2], tensor.shape[3]), share)
+            for i, (tensor, size) in enumerate(zip(resized, original_sizes))
+        ]
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Make an embedding from :meth:`embed_images` the current image, as ``set_image`` would."""
+        if not isinstance(embedding, ImageEmbedding):
+            raise SlimsegError(f"set_embedding expects an ImageEmbedding, got {type(embedding).__name__}")
+        if embedding.features.ndim != 4 or embedding.features.shape[0] != 1:
+            raise SlimsegError(f"an ImageEmbedding holds a (1, C, h, w) embedding, got {tuple(embedding.features.shape)}")
+        self.reset_image()
+        self.original_size = embedding.original_size
+        self.input_size = embedding.input_size
+        self.features = embedding.features.to(self.device)
+        self.is_image_set = True
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """Embed a (1, 3, H, W) image already resized so that max(H, W) == model.img_size."""
         shape = tuple(transformed_image.shape)
-        if len(shape) != 4 or shape[1] != 3 or max(shape[2:]) != self.model.img_size:
+        if len(shape) != 4 or shape[0] != 1 or shape[1] != 3 or max(shape[2:]) != self.model.img_size:
             raise SlimsegError(
                 f"set_torch_image expects a 1x3xHxW tensor with longest side {self.model.img_size}, got {shape}"
             )
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (shape[2], shape[3])
-        self.features = self._embed(transformed_image)
+        self.features = self._embed([transformed_image])
         self.is_image_set = True
 
-    def _embed(self, transformed_image: torch.Tensor) -> torch.Tensor:
-        """(1, C, h, w) embedding of a resized (1, 3, H, W) image; other backends override it."""
+    def _embed(self, transformed_images: list[torch.Tensor]) -> torch.Tensor:
+        """(B, C, h, w) embeddings of B resized (1, 3, H, W) images, each padded to the model's
+        square input; other backends override it."""
+        batch = torch.cat([self.model.preprocess(image.float()) for image in transformed_images])
         with autocast(self.device, self.dtype):
-            features = self.model.image_encoder(self.model.preprocess(transformed_image.float()))
+            features = self.model.image_encoder(batch)
         return features.float()
 
     def _require_image(self) -> None:

@@ -32,7 +32,7 @@ from slimseg.inference.everything.rle import (
     remove_small_regions,
     rle_to_mask,
 )
-from slimseg.inference.predictor import Predictor
+from slimseg.inference.predictor import ImageEmbedding, Predictor
 from slimseg.modeling.autoppn import propose_points
 
 __all__ = ["MaskGenerator", "PointProposer"]
@@ -58,6 +58,11 @@ class _Clock:
     def charge(self, stage: str, since: float) -> None:
         self.seconds[stage] += self.now() - since
 
+    def credit(self, stage: str, seconds: float) -> None:
+        """Count work done before this clock started (an encoder pass shared by a batch)."""
+        self.seconds[stage] += seconds
+        self.started -= seconds
+
     def finish(self) -> dict[str, float]:
         total = self.now() - self.started
         measured = self.seconds["encoder"] + self.seconds["proposer"] + self.seconds["decoder"]
@@ -75,6 +80,7 @@ class MaskGenerator:
     --stage autoppn``) when no proposer is given; ``max_proposals`` and ``proposal_thresh``
     then override its top_k (256) and peak score threshold (0.05). ``dtype`` is the
     precision of the model's forward passes (see :class:`~slimseg.inference.predictor.Predictor`).
+    ``encoder_batch_size`` crops (or images, with :meth:`embed`) share one encoder pass.
 
     ``last_timings`` holds seconds per stage of the latest ``generate`` call
     (encoder, proposer, decoder, postprocess, total).
@@ -101,6 +107,7 @@ class MaskGenerator:
         max_proposals: int | None = None,
         proposal_thresh: float | None = None,
         dtype: str | torch.dtype | None = None,
+        encoder_batch_size: int = 1,
     ) -> None:
         # an exported model (slimseg.export.runtime.OnnxSam) brings its own Predictor
         exported = callable(getattr(model, "make_predictor", None))
@@ -122,6 +129,8 @@ class MaskGenerator:
             raise SlimsegError(f"proposal_thresh must be in [0, 1), got {proposal_thresh}")
         if sampler == "autoppn" and point_proposer is None:
             point_proposer = _model_proposer(model, max_proposals, proposal_thresh)
+        if isinstance(encoder_batch_size, bool) or not isinstance(encoder_batch_size, int) or encoder_batch_size < 1:
+            raise SlimsegError(f"encoder_batch_size must be an integer >= 1, got {encoder_batch_size!r}")
         if exported and dtype is not None:
             raise SlimsegError("dtype applies to PyTorch models; an exported model runs at the precision it was exported in")
         self.predictor = model.make_predictor() if exported else Predictor(model, dtype=dtype)
@@ -138,20 +147,27 @@ class MaskGenerator:
         self.output_mode = output_mode
         self.sampler = sampler
         self.point_proposer = point_proposer
+        self.encoder_batch_size = encoder_batch_size
         self.last_timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding] | None = None) -> list[dict[str, Any]]:
         """Records for the masks of an HxWx3 uint8 RGB image, in segment-anything's schema:
         segmentation (per ``output_mode``), area, bbox [x, y, w, h], predicted_iou,
-        point_coords [[x, y]], stability_score, crop_box [x, y, w, h]."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise SlimsegError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-        if min(image.shape[:2]) < 1:
-            raise SlimsegError(f"the image is empty: shape {image.shape}")
+        point_coords [[x, y]], stability_score, crop_box [x, y, w, h].
+
+        ``embeddings``: this image's entry of :meth:`embed`, computed with other images in
+        one encoder pass; by default the image's crops are embedded here."""
+        image = _checked_image(image)
         clock = _Clock(self.predictor.device)
-        data = self._generate_masks(image, clock)
+        if embeddings is None:
+            since = clock.now()
+            embeddings = self.embed([image])[0]
+            clock.charge("encoder", since)
+        else:
+            self._check_embeddings(image, embeddings)
+            clock.credit("encoder", sum(embedding.seconds for embedding in embeddings))
+        data = self._generate_masks(image, embeddings, clock)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -160,17 +176,39 @@ class MaskGenerator:
         self.last_timings = clock.finish()
         return records
 
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray]) -> list[list[ImageEmbedding]]:
+        """Each image's crop embeddings (one crop unless ``crop_n_layers`` > 0), computed
+        ``encoder_batch_size`` crops per encoder pass across all the images."""
+        crops, counts = [], []
+        for image in images:
+            image = _checked_image(image)
+            boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            crops += [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
+            counts.append(len(boxes))
+        step = self.encoder_batch_size
+        flat = [e for start in range(0, len(crops), step) for e in self.predictor.embed_images(crops[start : start + step])]
+        offsets = np.cumsum([0, *counts])
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
+
+    def _check_embeddings(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding]) -> None:
+        boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+        sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in boxes]
+        given = [getattr(embedding, "original_size", None) for embedding in embeddings]
+        if given != sizes:
+            raise SlimsegError(f"the embeddings do not belong to this image: its crops are {sizes}, the embeddings' {given}")
+
     def generate_timed(self, image: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """``generate`` plus the seconds spent per stage (see ``last_timings``)."""
         records = self.generate(image)
         return records, dict(self.last_timings)
 
-    def _generate_masks(self, image: np.ndarray, clock: _Clock) -> MaskBatch:
+    def _generate_masks(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding], clock: _Clock) -> MaskBatch:
         height, width = image.shape[:2]
         crop_boxes, layers = generate_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskBatch()
-        for crop_box, layer in zip(crop_boxes, layers):
-            data.extend(self._process_crop(image, crop_box, layer, clock))
+        for crop_box, layer, embedding in zip(crop_boxes, layers, embeddings):
+            data.extend(self._process_crop(image, crop_box, layer, embedding, clock))
         if len(crop_boxes) > 1 and len(data) > 0:
             # A mask found in several crops is kept from the smallest crop: the encoder saw
             # it there at the highest resolution.
@@ -193,12 +231,11 @@ class MaskGenerator:
             raise SlimsegError(f"the point proposer must return finite (N, 2) XY points, got shape {points.shape}")
         return points
 
-    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, clock: _Clock) -> MaskBatch:
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, embedding: ImageEmbedding,
+                      clock: _Clock) -> MaskBatch:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
-        since = clock.now()
-        self.predictor.set_image(crop)
-        clock.charge("encoder", since)
+        self.predictor.set_embedding(embedding)
         points = self._crop_points(crop, layer, clock)
 
         data = _empty_batch(self.predictor.device)
@@ -302,6 +339,15 @@ class MaskGenerator:
                 "crop_box": box_xyxy_to_xywh(data["crop_boxes"][index]),
             })
         return records
+
+
+def _checked_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise SlimsegError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise SlimsegError(f"the image is empty: shape {image.shape}")
+    return image
 
 
 def _empty_batch(device: torch.device) -> MaskBatch:
