@@ -227,6 +227,42 @@ def test_segment_backend_onnx_gives_the_torch_masks(model_path, tiny, tmp_path):
     assert [m["score"] for m in got["masks"]] == pytest.approx([m["score"] for m in want["masks"]], abs=1e-4)
 
 
+def test_segevery_backend_onnx_gives_the_torch_records(model_path, tiny, tmp_path):
+    folder = tmp_path / "float-onnx"
+    export_onnx(tiny, folder)
+    image = tmp_path / "a.png"
+    Image.fromarray(photo(96, 128, seed=5)).save(image)
+    args = ["segevery", image, "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+            "--device", "cpu"]
+    outputs = []
+    for backend_args in (["--model", model_path], ["--model", folder, "--backend", "onnx", "--batch-size", "2"]):
+        out = tmp_path / f"out{len(outputs)}"
+        result = invoke(*args, *backend_args, "--out", out)
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((out / "a.json").read_text()))
+    want, got = outputs
+    assert len(got) == len(want) > 0
+    assert [r["predicted_iou"] for r in got] == pytest.approx([r["predicted_iou"] for r in want], abs=1e-3)
+    result = invoke(*args, "--model", folder, "--backend", "onnx", "--dtype", "bfloat16")
+    assert result.exit_code == 2 and "--dtype applies to --backend torch" in result.stderr
+
+
+def test_autoppn_runs_on_an_exported_lite_sam(tmp_path):
+    from test_train import tiny_lite_sam_config
+
+    lite = slimseg.build_model(tiny_lite_sam_config()).eval()
+    export_onnx(lite, tmp_path / "lite")
+    exported = OnnxSam(tmp_path / "lite")
+    assert exported.autoppn.config.top_k == lite.autoppn.config.top_k
+    image = photo(90, 120, seed=2)
+    options = dict(sampler="autoppn", max_proposals=12, pred_iou_thresh=0, stability_score_thresh=0)
+    want = MaskGenerator(lite, **options).generate(image)
+    got = MaskGenerator(exported, **options).generate(image)
+    assert len(got) == len(want) > 0
+    assert [r["point_coords"] for r in got] == [r["point_coords"] for r in want]
+    assert [r["predicted_iou"] for r in got] == pytest.approx([r["predicted_iou"] for r in want], abs=1e-3)
+
+
 def test_cli_export_onnx_prints_the_difference(model_path, tmp_path):
     result = invoke("export", "--model", model_path, "--out", tmp_path / "cli", "--opset", "16")
     assert result.exit_code == 0, result.output

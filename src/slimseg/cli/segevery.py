@@ -12,15 +12,13 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from slimseg.cli.backends import Backend, BackendOption, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
-from slimseg.devices import resolve_device
 from slimseg.errors import UsageError
-from slimseg.inference.precision import parse_dtype
 from slimseg.inference.masks import decode_rle
 from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
-from slimseg.zoo import load_model
 
 _METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
                     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -103,6 +101,7 @@ def segevery(
     crop_n_points_downscale_factor: Annotated[int, typer.Option("--crop-n-points-downscale-factor", min=1, help="Grid points per side divided by this per crop layer.")] = 1,
     min_mask_region_area: Annotated[int, typer.Option("--min-mask-region-area", min=0, help="Remove holes and islands smaller than this many pixels (0 disables).")] = 0,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    backend: BackendOption = Backend.torch,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     batch_size: BatchSizeOption = 1,
@@ -119,16 +118,16 @@ def segevery(
         if out is None and (overlay or fmt is not EveryFormat.rle):
             raise UsageError("--format png/coco and --overlay write files: give --out DIR")
         inputs = expand_inputs(images, recursive=recursive)
-        parse_dtype(dtype)
-        target = resolve_device(device)
+        network = open_model(backend, model, device, offline, dtype)
         generator = MaskGenerator(
-            load_model(model, device=target, offline=offline), sampler=sampler, points_per_side=points_per_side,
+            network, sampler=sampler, points_per_side=points_per_side,
             points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area, output_mode="coco_rle",
-            max_proposals=max_proposals, proposal_thresh=proposal_thresh, dtype=dtype, encoder_batch_size=batch_size,
+            max_proposals=max_proposals, proposal_thresh=proposal_thresh, encoder_batch_size=batch_size,
+            dtype=None if backend is Backend.onnx else dtype,
         )
         embedded = EmbeddedImages(inputs, batch_size, generator.embed)
         coco = CocoCollector() if fmt is EveryFormat.coco else None

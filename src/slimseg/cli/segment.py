@@ -8,37 +8,24 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
-import torch
 import typer
 
+from slimseg.cli.backends import Backend, BackendOption, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
-from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
 from slimseg.inference.precision import parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
 from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
-from slimseg.zoo import load_model
-
-
-class Backend(str, Enum):
-    torch = "torch"
-    onnx = "onnx"
 
 
 def make_predictor(backend: Backend, model: str, device: str, offline: bool, dtype: str = "float32") -> Predictor:
     """The torch Predictor, or the same API over an export folder run by onnxruntime."""
-    precision = parse_dtype(dtype)  # before any model is read
-    if backend is Backend.onnx:
-        from slimseg.export.runtime import OnnxPredictor, OnnxSam, providers_for
-
-        if precision != torch.float32:
-            raise UsageError("--dtype applies to --backend torch; an ONNX export runs at the precision it was exported in")
-        return OnnxPredictor(OnnxSam(model, providers=providers_for(device)))
-    return Predictor(load_model(model, device=resolve_device(device), offline=offline), dtype=precision)
+    network = open_model(backend, model, device, offline, dtype)
+    return network.make_predictor() if backend is Backend.onnx else Predictor(network, dtype=parse_dtype(dtype))
 
 
 class OutputFormat(str, Enum):
@@ -119,7 +106,7 @@ def segment(
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="jsonl: COCO-RLE masks in one JSON line per image on stdout (default without --out); png: 0/255 PNG per mask in OUT/<image>/ (default with --out); rle: OUT/<image>.json with COCO-RLE masks.", show_default=False)] = None,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png: the best mask of each prompt in colour, prompts drawn (needs --out).")] = False,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
-    backend: Annotated[Backend, typer.Option("--backend", help="torch: the PyTorch model; onnx: run a folder written by `slimseg export --format onnx` (give it as --model) in onnxruntime.")] = Backend.torch,
+    backend: BackendOption = Backend.torch,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     batch_size: BatchSizeOption = 1,

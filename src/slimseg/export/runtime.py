@@ -9,6 +9,7 @@ AutoPPN's peak picking (``propose_points``), so both backends share that code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +67,31 @@ def providers_for(device: str) -> list[Any]:
                        f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu for CUDA)")
 
 
+@dataclass(frozen=True)
+class ProposalSettings:
+    """An exported AutoPPN's peak-picking defaults, as ``AutoPPNConfig`` holds them."""
+
+    top_k: int
+    score_threshold: float
+
+
+class OnnxAutoPPN:
+    """The exported AutoPPN graph with the torch ``AutoPPN``'s interface: called on a
+    (B, C, h, w) embedding it returns the heatmap logits; ``config`` holds the defaults."""
+
+    def __init__(self, runner: GraphRunner, settings: dict[str, Any]) -> None:
+        self.runner = runner
+        self.config = ProposalSettings(int(settings["top_k"]), float(settings["score_threshold"]))
+
+    def __call__(self, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.runner.run({"image_embeddings": embedding.detach().cpu().numpy()})[0])
+
+    def propose(self, embedding: torch.Tensor, input_size: int | tuple[int, int],
+                valid_size: tuple[int, int] | None = None) -> list[PointProposals]:
+        """Point prompts with the exported defaults, picked by the torch model's ``propose_points``."""
+        return propose_points(self(embedding), self.config.top_k, self.config.score_threshold, input_size, valid_size)
+
+
 class OnnxSam:
     """An exported model folder, with the attributes the Predictor and MaskGenerator read
     from a torch model (``img_size``, ``mask_threshold``, ``image_format``, ``device``,
@@ -92,7 +118,8 @@ class OnnxSam:
         self.low_res_size = tuple(self.manifest["low_res_mask_size"])
         self.encoder = GraphRunner(self.folder / files["image_encoder"], providers)
         self.decoder = GraphRunner(self.folder / files["decoder"], providers)
-        self.autoppn = GraphRunner(self.folder / files["autoppn"], providers) if "autoppn" in files else None
+        self.autoppn = (OnnxAutoPPN(GraphRunner(self.folder / files["autoppn"], providers), self.manifest["autoppn"])
+                        if "autoppn" in files else None)
 
     @property
     def device(self) -> torch.device:
@@ -124,9 +151,7 @@ class OnnxSam:
         picked by the same ``propose_points`` as the torch model."""
         if self.autoppn is None:
             raise SlimsegError(f"{self.folder}: this export has no AutoPPN graph")
-        logits = torch.from_numpy(self.autoppn.run({"image_embeddings": np.asarray(embedding)})[0])
-        settings = self.manifest["autoppn"]
-        return propose_points(logits, settings["top_k"], settings["score_threshold"], self.img_size, valid_size)
+        return self.autoppn.propose(embedding, self.img_size, valid_size)
 
     def make_predictor(self) -> "OnnxPredictor":
         return OnnxPredictor(self)
