@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import slimseg
 from slimseg.cli.app import app
-from slimseg.cli.batch import EmbeddedImages
+from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.inputs import ImageInput
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything import MaskGenerator
@@ -121,6 +121,28 @@ def test_embedded_images_are_taken_in_order(tmp_path):
         embedded.take(inputs[1])
     assert [embedded.take(item)[1] for item in inputs] == [0, 1, 0]
     assert calls == [2, 1]
+
+
+def test_running_out_of_memory_stops_the_run_with_a_hint(tmp_path):
+    inputs = [ImageInput(tmp_path / f"{i}.png", str(i)) for i in range(4)]
+    for item in inputs:
+        Image.fromarray(photo(20, 30)).save(item.path)
+
+    def embed(pixels: list) -> list:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    processed = []
+
+    def process(image: ImageInput) -> dict:
+        processed.append(image)
+        embedded.take(image)
+        return {}
+
+    embedded = EmbeddedImages(inputs, 2, embed)
+    with pytest.raises(SlimsegError, match=r"out of memory embedding 2 image\(s\) at once \(try a smaller --batch-size\): "
+                                           r"CUDA out of memory. Tried to allocate 2.00 GiB$"):
+        for_each_image(inputs, "segmenting", process)
+    assert processed == inputs[:1]  # the run stopped at the first failure
 
 
 def _lines(result) -> list[dict]:

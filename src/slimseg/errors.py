@@ -14,3 +14,8 @@ class UsageError(SlimsegError):
     """A malformed command-line argument or option combination (exit status 2)."""
 
     exit_code = 2
+
+
+class DeviceOutOfMemory(SlimsegError):
+    """The device ran out of memory. Commands that process many inputs stop at this error
+    instead of going on to the next input, which would fail the same way."""

@@ -9,13 +9,14 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
+import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from slimseg.cli.common import console, error_line
 from slimseg.cli.inputs import ImageInput
 from slimseg.data.images import read_image
-from slimseg.errors import SlimsegError
+from slimseg.errors import DeviceOutOfMemory, SlimsegError
 
 Embedding = TypeVar("Embedding")
 
@@ -24,7 +25,7 @@ def for_each_image(inputs: list[ImageInput], description: str, process: Callable
     """Call ``process`` per image and print its record (plus ``seconds``) as a JSON line.
 
     A failing image is reported on stderr in one line and the others still run; at the end
-    the command exits with status 1 if any failed.
+    the command exits with status 1 if any failed. Running out of device memory stops the run.
     """
     failures = 0
     columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -34,6 +35,8 @@ def for_each_image(inputs: list[ImageInput], description: str, process: Callable
             started = time.perf_counter()
             try:
                 record = process(image)
+            except DeviceOutOfMemory:
+                raise
             except SlimsegError as error:
                 message = str(error)
                 error_line(message if str(image.path) in message else f"{image.path}: {message}")
@@ -90,6 +93,11 @@ class EmbeddedImages(Generic[Embedding]):
                 self._ready[position] = error
         if not pixels:
             return
-        embeddings = self._embed(list(pixels.values()))
+        try:
+            embeddings = self._embed(list(pixels.values()))
+        except torch.OutOfMemoryError as error:
+            hint = " (try a smaller --batch-size)" if len(pixels) > 1 else ""
+            reason = (str(error).strip().splitlines() or ["out of memory"])[0]
+            raise DeviceOutOfMemory(f"out of memory embedding {len(pixels)} image(s) at once{hint}: {reason}") from None
         for (position, rgb), embedding in zip(pixels.items(), embeddings):
             self._ready[position] = (rgb, embedding)
