@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import mmap
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,26 @@ def test_peak_memory_sees_a_stage_allocation():
         assert busy.bytes >= quiet.bytes + 48 * 2**20
     else:
         assert busy.bytes >= quiet.bytes > 0
+
+
+DTYPE_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "dtype_table.py"
+
+
+def test_dtype_table_prints_a_row_per_model_and_precision(tmp_path):
+    out = tmp_path / "table.json"
+    completed = subprocess.run(
+        [sys.executable, str(DTYPE_TABLE), "--device", "cpu", "--models", "lite-sam", "--dtypes", "float32",
+         "--runs", "1", "--warmup", "0", "--no-segevery", "--threads", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    (row,) = [line for line in completed.stdout.splitlines() if line.startswith("| lite-sam |")]
+    assert "| float32 |" in row and row.count("|") == 9
+    assert json.loads(completed.stdout.splitlines()[-1])["rows"][0]["dtype"] == "float32"
+    (report,) = json.loads(out.read_text())["reports"]
+    assert report["model"]["name"] == "lite-sam" and report["stages"]["encoder"]["median_s"] > 0
+
+
+def test_dtype_table_refuses_an_unknown_model():
+    completed = subprocess.run([sys.executable, str(DTYPE_TABLE), "--models", "sam-z", "--device", "cpu"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "sam-z" in completed.stderr and "Traceback" not in completed.stderr
