@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import photo, random_tiny_model
 from PIL import Image
 from typer.testing import CliRunner
@@ -56,6 +57,16 @@ def test_help_lists_the_subcommands():
     assert result.exit_code == 0
     for name in ("prune", "distill", "segment", "segevery", "eval-coco", "export", "bench"):
         assert name in result.stdout
+
+
+def test_global_threads_option_sets_torch_threads(model_path, images):
+    result = invoke("--threads", "1", "segment", images / "a.jpg", "-m", model_path, "-b", "10,20,100,90")
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1  # the conftest fixture sets 2 again for the next test
+    result = runner.invoke(app, ["models"], env={"SLIMSEG_THREADS": "2"})
+    assert result.exit_code == 0 and torch.get_num_threads() == 2
+    result = invoke("--threads", "0", "models")
+    assert result.exit_code == 2 and "--threads" in result.stderr
 
 
 def test_version_and_module_entry_point():

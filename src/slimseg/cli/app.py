@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from slimseg import __version__
@@ -39,8 +40,14 @@ def _global_options(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_show_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, envvar="SLIMSEG_THREADS", metavar="N", show_default=False,
+        help="CPU threads for torch (default: torch's, one per core). Over many images, N processes with "
+             "--threads 1 each get more done than one process with N threads.")] = None,
 ) -> None:
     State.debug = debug
+    if threads is not None:
+        torch.set_num_threads(threads)
     tune_cpu_allocator()
 
 
