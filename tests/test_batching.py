@@ -129,7 +129,7 @@ def test_running_out_of_memory_stops_the_run_with_a_hint(tmp_path):
         Image.fromarray(photo(20, 30)).save(item.path)
 
     def embed(pixels: list) -> list:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
     processed = []
 

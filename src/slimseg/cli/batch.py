@@ -95,7 +95,7 @@ class EmbeddedImages(Generic[Embedding]):
             return
         try:
             embeddings = self._embed(list(pixels.values()))
-        except torch.OutOfMemoryError as error:
+        except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on
             hint = " (try a smaller --batch-size)" if len(pixels) > 1 else ""
             reason = (str(error).strip().splitlines() or ["out of memory"])[0]
             raise DeviceOutOfMemory(f"out of memory embedding {len(pixels)} image(s) at once{hint}: {reason}") from None

@@ -10,6 +10,7 @@ graph, the way the papers count an architecture.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -30,8 +31,15 @@ def chunked_cpu_inference(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
+        and not _is_compiling()
     )
+
+
+def _is_compiling() -> bool:
+    if hasattr(torch.compiler, "is_compiling"):
+        return torch.compiler.is_compiling()
+    # torch 2.1 and 2.2: torch.compiler.is_compiling arrived in 2.3
+    return importlib.import_module("torch._dynamo").is_compiling()
 
 
 @contextlib.contextmanager
