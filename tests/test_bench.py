@@ -16,7 +16,7 @@ from test_train import tiny_lite_sam_config
 from typer.testing import CliRunner
 
 import slimseg
-from slimseg.benchmark import BenchSettings, PeakMemory, floor_seconds, matmul_rate, model_work, run_bench, time_runs
+from slimseg.benchmark import BenchSettings, PeakMemory, compile_model, floor_seconds, matmul_rate, model_work, run_bench, time_runs
 from slimseg.benchmark.memory import PROCESS_RSS, STAGE_RSS
 from slimseg.cli.app import app
 from slimseg.errors import SlimsegError
@@ -166,6 +166,31 @@ def test_run_bench_on_an_image_without_segevery():
     assert encoder.floor_seconds == pytest.approx(floor_seconds(work.encoder_macs, report.matmul))
     assert encoder.details["input"] == [1, 3, 192, 256]  # 60x80 resized to the 256 px input
     json.dumps(report.to_dict())  # plain JSON values only
+
+
+def test_compiled_run_bench_compiles_before_timing():
+    model = slimseg.build_model(tiny_config())
+    pixels = model.preprocess(torch.rand(1, 3, 192, 256) * 255)
+    with torch.no_grad():
+        eager = model.image_encoder(pixels)
+    try:
+        report = run_bench(model, BenchSettings(runs=1, warmup=0, prompts=3, segevery=False, compile=True),
+                           image=photo(60, 80))
+    except SlimsegError as error:
+        if "torch.compile does not work on this machine" in str(error):
+            pytest.skip(str(error))
+        raise
+    assert isinstance(model.image_encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(model.mask_decoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert report.settings.effective_warmup == 1 and all(stage.warmup == 1 for stage in report.stages.values())
+    with torch.no_grad():
+        compiled = model.image_encoder(pixels)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_model_refuses_a_missing_part():
+    with pytest.raises(SlimsegError, match="cannot compile autoppn"):
+        compile_model(slimseg.build_model(tiny_config()), parts=("autoppn",))
 
 
 def test_decoder_work_grows_with_the_prompts():

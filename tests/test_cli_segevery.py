@@ -76,9 +76,26 @@ def test_png_metadata_overlay_and_coco(model_path, images, tmp_path):
         (["--sampler", "autoppn"], "AutoPPN", 1),
         (["--pred-iou-thresh", "1.5"], "pred_iou_thresh", 1),
         (["--dtype", "int8"], "unknown dtype 'int8'", 1),
+        (["--compile", "--backend", "onnx"], "--compile applies to --backend torch", 2),
     ],
 )
 def test_bad_input(model_path, images, args, fragment, code):
     result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(model_path), *args])
     assert result.exit_code == code, result.output
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compiled_decoder_gives_the_eager_records(model_path, images, tmp_path):
+    outputs = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"out{len(outputs)}"
+        result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(model_path), "--out", str(out),
+                                     *LOOSE, *extra])
+        if extra and "torch.compile does not work on this machine" in result.stderr:
+            pytest.skip(result.stderr.strip())
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((out / "a.json").read_text()))
+    eager, compiled = outputs
+    assert len(compiled) == len(eager) > 0
+    assert [r["bbox"] for r in compiled] == [r["bbox"] for r in eager]
+    assert [r["predicted_iou"] for r in compiled] == pytest.approx([r["predicted_iou"] for r in eager], abs=1e-4)

@@ -4,8 +4,9 @@ from slimseg.benchmark.floor import MatmulRate, ModelWork, floor_seconds, matmul
 from slimseg.benchmark.machine import describe_machine, machine_line
 from slimseg.benchmark.memory import PeakMemory
 from slimseg.benchmark.stages import StageResult
-from slimseg.benchmark.suite import BenchReport, BenchSettings, compile_model, run_bench
+from slimseg.benchmark.suite import BenchReport, BenchSettings, run_bench
 from slimseg.benchmark.timing import Timing, synchronize, time_runs
+from slimseg.inference.compilation import compile_model
 
 __all__ = [
     "BenchReport",

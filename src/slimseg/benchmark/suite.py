@@ -25,6 +25,7 @@ from slimseg.benchmark.stages import (
 from slimseg.benchmark.timing import check_runs
 from slimseg.data.synthetic import synthetic_image
 from slimseg.errors import SlimsegError
+from slimseg.inference.compilation import compile_model, first_compiled_call
 from slimseg.inference.everything import MaskGenerator
 from slimseg.inference.precision import dtype_name, parse_dtype
 from slimseg.inference.predictor import Predictor
@@ -79,20 +80,6 @@ class BenchReport:
                 "matmul": asdict(self.matmul), "stages": {key: stage.to_dict() for key, stage in self.stages.items()}}
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """Replace the model's image encoder and mask decoder by ``torch.compile`` wrappers."""
-    try:
-        model.image_encoder = torch.compile(model.image_encoder)
-        model.mask_decoder = torch.compile(model.mask_decoder)
-    except Exception as error:  # torch raises RuntimeError and others where dynamo is unsupported
-        raise _compile_error(error) from error
-
-
-def _compile_error(error: Exception) -> SlimsegError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return SlimsegError(f"--compile: torch.compile does not work on this machine ({type(error).__name__}: {reason})")
-
-
 def has_autoppn(model: torch.nn.Module) -> bool:
     return getattr(model, "autoppn", None) is not None
 
@@ -126,7 +113,7 @@ def run_bench(
     if settings.compile:
         announce("compiling the image encoder and mask decoder")
         compile_model(model)
-        _first_compiled_call(predictor, image, settings.prompts)
+        first_compiled_call(lambda: _encode_and_decode(predictor, image, settings.prompts))
     plan = StagePlan(device, settings.runs, settings.effective_warmup)
     runs = f"{plan.warmup} warm-up + {plan.runs} timed run(s)"
 
@@ -156,16 +143,9 @@ def run_bench(
     return BenchReport(describe_machine(device, dtype), _model_facts(model, work), settings, rate, stages)
 
 
-def _first_compiled_call(predictor: Predictor, image: np.ndarray, prompts: int) -> None:
-    """Compile now, so that a machine without a working compiler fails before measuring."""
-    try:
-        with torch.inference_mode():
-            predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
-            predictor.predict_low_res(*point_batch(predictor, prompts), multimask_output=True)
-    except SlimsegError:
-        raise
-    except Exception as error:
-        raise _compile_error(error) from error
+def _encode_and_decode(predictor: Predictor, image: np.ndarray, prompts: int) -> None:
+    predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
+    predictor.predict_low_res(*point_batch(predictor, prompts), multimask_output=True)
 
 
 def _model_facts(model: torch.nn.Module, work: ModelWork) -> dict[str, Any]:

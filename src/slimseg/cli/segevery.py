@@ -7,9 +7,10 @@ import io
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
+import torch
 import typer
 
 from slimseg.cli.backends import Backend, BackendOption, open_model
@@ -17,8 +18,13 @@ from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import UsageError
+from slimseg.inference.compilation import compile_model, first_compiled_call
 from slimseg.inference.masks import decode_rle
+from slimseg.inference.predictor import ImageEmbedding
 from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
+
+if TYPE_CHECKING:
+    from slimseg.inference.everything import MaskGenerator
 
 _METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
                     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -80,6 +86,25 @@ def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict]
         write_image_png(out / f"{image.key}.overlay.png", render_overlay(rgb, [masks[i] for i in order]))
 
 
+def _compile_decoder(generator: MaskGenerator) -> None:
+    """torch.compile the mask decoder, SegEvery's dominant stage, and compile it now with a
+    batch of points on a blank embedding, as SegEvery's batches call it."""
+    predictor = generator.predictor
+    model = predictor.model
+    compile_model(model, parts=("mask_decoder",))
+
+    def decode_blank() -> None:
+        blank = torch.zeros_like(model.prompt_encoder.get_dense_pe())
+        size = (model.img_size, model.img_size)
+        predictor.set_embedding(ImageEmbedding(blank, size, size))
+        points = torch.full((generator.points_per_batch, 1, 2), size[0] / 2, device=blank.device)
+        labels = torch.ones(generator.points_per_batch, 1, dtype=torch.int, device=blank.device)
+        predictor.predict_low_res(points, labels, multimask_output=True)
+        predictor.reset_image()
+
+    first_compiled_call(decode_blank)
+
+
 def segevery(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders, quoted globs, or - to read paths from stdin.", show_default=False)],
     model: ModelOption = "sam-b",
@@ -102,6 +127,7 @@ def segevery(
     min_mask_region_area: Annotated[int, typer.Option("--min-mask-region-area", min=0, help="Remove holes and islands smaller than this many pixels (0 disables).")] = 0,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     backend: BackendOption = Backend.torch,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the mask decoder before the first image (about a minute on a CPU): SegEvery then decodes faster (1.2x for Lite-SAM's grid on 2 CPU cores), which pays over a few dozen images.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     batch_size: BatchSizeOption = 1,
@@ -117,6 +143,8 @@ def segevery(
     with user_errors():
         if out is None and (overlay or fmt is not EveryFormat.rle):
             raise UsageError("--format png/coco and --overlay write files: give --out DIR")
+        if compile_ and backend is Backend.onnx:
+            raise UsageError("--compile applies to --backend torch; onnxruntime optimises the exported graphs itself")
         inputs = expand_inputs(images, recursive=recursive)
         network = open_model(backend, model, device, offline, dtype)
         generator = MaskGenerator(
@@ -129,6 +157,8 @@ def segevery(
             max_proposals=max_proposals, proposal_thresh=proposal_thresh, encoder_batch_size=batch_size,
             dtype=None if backend is Backend.onnx else dtype,
         )
+        if compile_:
+            _compile_decoder(generator)
         embedded = EmbeddedImages(inputs, batch_size, generator.embed)
         coco = CocoCollector() if fmt is EveryFormat.coco else None
 
