@@ -71,6 +71,10 @@ def test_bgr_images_and_bad_inputs(model):
     torch.testing.assert_close(rgb.features, bgr.features)
     with pytest.raises(SlimsegError, match="HxWx3 uint8"):
         predictor.embed_images([picture, picture[..., 0]])
+    with pytest.raises(SlimsegError, match="the image is empty"):
+        predictor.embed_images([np.zeros((0, 5, 3), np.uint8)])
+    with pytest.raises(SlimsegError, match="the image is empty"):
+        MaskGenerator(model).generate(np.zeros((4, 0, 3), np.uint8))
     with pytest.raises(SlimsegError, match="image_format"):
         predictor.embed_images([picture], image_format="RGBA")
     with pytest.raises(SlimsegError, match="expects an ImageEmbedding"):

@@ -36,6 +36,16 @@ class ImageEmbedding:
     seconds: float = 0.0
 
 
+def checked_image(image: np.ndarray) -> np.ndarray:
+    """``image`` as an array, if it is a non-empty HxWx3 uint8 image; else a one-line error."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise SlimsegError(f"the image is empty: shape {image.shape}")
+    return image
+
+
 class Predictor:
     """Compute an image embedding once, then decode any number of prompts against it.
 
@@ -79,9 +89,7 @@ class Predictor:
             return []
         resized, original_sizes = [], []
         for image in images:
-            image = np.asarray(image)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+            image = checked_image(image)
             if image_format != self.model.image_format:
                 image = image[..., ::-1]
             pixels = self.transform.apply_image(np.ascontiguousarray(image))

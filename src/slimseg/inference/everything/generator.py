@@ -32,7 +32,7 @@ from slimseg.inference.everything.rle import (
     remove_small_regions,
     rle_to_mask,
 )
-from slimseg.inference.predictor import ImageEmbedding, Predictor
+from slimseg.inference.predictor import ImageEmbedding, Predictor, checked_image
 from slimseg.modeling.autoppn import propose_points
 
 __all__ = ["MaskGenerator", "PointProposer"]
@@ -158,7 +158,7 @@ class MaskGenerator:
 
         ``embeddings``: this image's entry of :meth:`embed`, computed with other images in
         one encoder pass; by default the image's crops are embedded here."""
-        image = _checked_image(image)
+        image = checked_image(image)
         clock = _Clock(self.predictor.device)
         if embeddings is None:
             since = clock.now()
@@ -182,7 +182,7 @@ class MaskGenerator:
         ``encoder_batch_size`` crops per encoder pass across all the images."""
         crops, counts = [], []
         for image in images:
-            image = _checked_image(image)
+            image = checked_image(image)
             boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             crops += [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
             counts.append(len(boxes))
@@ -339,15 +339,6 @@ class MaskGenerator:
                 "crop_box": box_xyxy_to_xywh(data["crop_boxes"][index]),
             })
         return records
-
-
-def _checked_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise SlimsegError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-    if min(image.shape[:2]) < 1:
-        raise SlimsegError(f"the image is empty: shape {image.shape}")
-    return image
 
 
 def _empty_batch(device: torch.device) -> MaskBatch:
