@@ -123,8 +123,8 @@ def run_bench(
     stages["encoder"] = measure_encoder(plan, predictor, image, encoder_floor)
     if settings.batch_size > 1:
         announce(f"image encoder, batch of {settings.batch_size}: {runs}")
+        # embed_images leaves the image set by the encoder stage current for the next stages
         stages["encoder_batch"] = measure_encoder_batch(plan, predictor, image, settings.batch_size, encoder_floor)
-        predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
     announce(f"decoder, batch of {settings.prompts} point prompts: {runs}")
     stages["decoder_batch"] = measure_decoder_batch(plan, predictor, settings.prompts,
                                                     floor_seconds(work.decoder_macs, rate))
