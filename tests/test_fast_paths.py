@@ -21,6 +21,7 @@ import slimseg.modeling.sam.rel_pos as rel_pos
 from slimseg.errors import SlimsegError
 from slimseg.inference.precision import parse_dtype
 from slimseg.modeling.sam.fast_paths import fast_paths_enabled, plain_compute
+from slimseg.modeling.sam.native_attention import native_kernels_disabled
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float = 1e-4) -> None:
@@ -32,7 +33,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float = 1e-4) -> No
 @pytest.mark.parametrize("batch, grid, head_dim", [(1, 16, 14), (6, 7, 16), (3, 5, 8)])
 @pytest.mark.parametrize("budget", [64, 4096, 2**30])
 def test_chunked_rel_pos_attention_matches_the_whole_bias(monkeypatch, batch, grid, head_dim, budget):
-    """Chunks of rows (one global item), of whole windows, or everything at once."""
+    """Chunks of rows (one global item), of whole windows, or everything at once, on torch's
+    attention (tests/test_native_attention.py checks the native kernel)."""
     monkeypatch.setattr(rel_pos, "WINDOW_CHUNK_BYTES", budget)
     monkeypatch.setattr(rel_pos, "ROW_CHUNK_BYTES", budget)
     generator = torch.Generator().manual_seed(batch)
@@ -41,7 +43,7 @@ def test_chunked_rel_pos_attention_matches_the_whole_bias(monkeypatch, batch, gr
     table_h, table_w = (torch.randn(2 * grid - 1, head_dim, generator=generator) for _ in range(2))
     bias = rel_pos.decomposed_rel_pos_bias(q, table_h, table_w, (grid, grid))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim**-0.5)
-    with torch.inference_mode():
+    with torch.inference_mode(), native_kernels_disabled():
         got = rel_pos.rel_pos_attention(q, k, v, table_h, table_w, (grid, grid), head_dim**-0.5)
     _close(got, want, 1e-5)
     # laid out as fused attention returns it, so that merging the heads is a view

@@ -1,4 +1,4 @@
-"""What a benchmark ran on: device name, torch version, threads, dtype."""
+"""What a benchmark ran on: device name, torch version, threads, dtype, attention kernel."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from slimseg.inference.precision import dtype_name
+from slimseg.modeling.sam.native_attention import native_kernel_status
 
 
 def cpu_name() -> str:
@@ -32,8 +33,9 @@ def device_name(device: torch.device) -> str:
 
 
 def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """device, device_name, cpu, cpu_cores, torch version, torch threads, python, platform and
-    (when given) the dtype, as plain JSON values."""
+    """device, device_name, cpu, cpu_cores, torch version, torch threads, python, platform,
+    (on the CPU) the relative-position attention kernel and (when given) the dtype, as plain
+    JSON values."""
     machine: dict[str, Any] = {
         "device": str(device),
         "device_name": device_name(device),
@@ -46,15 +48,20 @@ def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> 
     }
     if device.type == "cuda":
         machine["cuda"] = torch.version.cuda
+    if device.type == "cpu":
+        machine["attention_kernel"] = native_kernel_status()
     if dtype is not None:
         machine["dtype"] = dtype_name(dtype)
     return machine
 
 
 def machine_line(machine: dict[str, Any]) -> str:
-    """One human line: ``AMD EPYC (cpu), torch 2.13.0, 2 threads, float32``."""
+    """One human line: ``AMD EPYC (cpu), torch 2.13.0, 2 threads of 2 cores, float32, native
+    relative-position attention``."""
     parts = [f"{machine['device_name']} ({machine['device']})", f"torch {machine['torch']}",
              f"{machine['threads']} threads of {machine['cpu_cores']} cores"]
     if "dtype" in machine:
         parts.append(machine["dtype"])
+    if "attention_kernel" in machine:
+        parts.append(f"{machine['attention_kernel'].split(' (')[0]} relative-position attention")
     return ", ".join(parts)

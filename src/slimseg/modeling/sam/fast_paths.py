@@ -42,12 +42,18 @@ def _is_compiling() -> bool:
     return importlib.import_module("torch._dynamo").is_compiling()
 
 
-@contextlib.contextmanager
-def plain_compute() -> Iterator[None]:
+def plain_compute() -> contextlib.AbstractContextManager[None]:
     """Run the enclosed model calls without the fast paths (process-wide, not thread-local)."""
-    previous = _state["enabled"]
-    _state["enabled"] = False
+    return switched_off(_state)
+
+
+@contextlib.contextmanager
+def switched_off(state: dict[str, object]) -> Iterator[None]:
+    """``state["enabled"]`` False for the enclosed block, then as it was: the switch behind
+    :func:`plain_compute` and the native kernels' ``native_kernels_disabled``."""
+    previous = state["enabled"]
+    state["enabled"] = False
     try:
         yield
     finally:
-        _state["enabled"] = previous
+        state["enabled"] = previous

@@ -1,0 +1,228 @@
+// softmax(scale * q.k + rel_h[i, row(j)] + rel_w[i, col(j)]) . v on x86-64 with AVX2 and FMA.
+//
+// SAM's image encoder adds a decomposed relative-position bias to every attention logit.
+// torch's fused CPU attention can only read that bias from memory, so it has to be built
+// first (805 MB per global block of SAM-B, 12 heads x 4096 x 4096 floats) and streamed
+// through the kernel. Here the bias of a key block is formed from the two small factors as
+// the logits are computed, and the keys are consumed in blocks with an online softmax, so
+// the working set of four query rows stays in the first-level cache. slimseg compiles this
+// file on first use (slimseg/modeling/sam/native_attention.py) and calls it through ctypes.
+//
+// Layouts, in floats; an "item" is one (batch, head) pair, item = batch * heads + head:
+//   q:      element (item, n, c) at (item / heads) * q_batch + (item % heads) * q_head + n * q_row + c
+//   out:    the same with out_batch, out_head and out_row
+//   k_pack: (items, keys_padded / 16, dim, 16): blocks of 16 keys, channel-major inside a block
+//   v_t:    (items, vdim, v_stride): values transposed, keys along the row
+//   rel_h:  (items, n, height) and rel_w: (items, n, width), contiguous
+// keys_padded is n rounded up to 16; the padded keys of k_pack and v_t must be zero.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+namespace {
+
+constexpr int kRows = 6;         // query rows per register block: 12 of the 16 vector registers
+constexpr int64_t kKeys = 256;   // keys per softmax block: six rows of logits fill 6 KB
+
+// e^(x - m) for logits x no larger than m. As 2^t with t = (x - m) log2(e) = n + f, |f| <= 1/2:
+// 2^f by Cephes' exp2f polynomial, 2^n through the exponent bits. t's rounding grows with
+// |t|, but only for weights below e^-1 of the largest, whose share of the softmax shrinks
+// faster (below 1e-7 of it). The clamp keeps 2^n a normal float.
+inline __m256 exp_below_max(__m256 x, __m256 m_log2e) {
+    __m256 t = _mm256_fmsub_ps(x, _mm256_set1_ps(1.44269504088896341f), m_log2e);
+    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 y = _mm256_set1_ps(1.535336188319500e-4f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+inline float horizontal_sum(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float horizontal_max(__m256 a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// GCC folds a vector that several FMAs read into each FMA as a memory operand, which makes
+// the loops bound by loads; an empty asm pins it to a register.
+#define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
+
+struct Problem {
+    const float* q; const float* k_pack; const float* v_t; const float* rel_h; const float* rel_w; float* out;
+    int64_t heads, height, width, dim, vdim, keys_padded, v_stride;
+    int64_t q_batch, q_head, q_row, out_batch, out_head, out_row;
+    float scale;
+};
+
+// Logits of kRows query rows against keys [first, last) into logits[r * stride + j];
+// returns each row's maximum over those keys in max_out.
+void logits_block(const Problem& p, const float* k_pack, const float* q_rows, const float* const* rel_h,
+                  const float* const* rel_w, float* logits, int64_t stride, int64_t first, int64_t last,
+                  bool bias_from_factors, float* max_out) {
+    __m256 m[kRows];
+    for (int r = 0; r < kRows; r++) m[r] = _mm256_set1_ps(-3e38f);
+    for (int64_t j = first; j < last; j += 16) {
+        __m256 lo[kRows], hi[kRows];
+        for (int r = 0; r < kRows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        const float* keys = k_pack + j * p.dim;
+        for (int64_t c = 0; c < p.dim; c++) {
+            __m256 k0 = _mm256_loadu_ps(keys + c * 16), k1 = _mm256_loadu_ps(keys + c * 16 + 8);
+            KEEP_IN_REGISTER(k0);
+            KEEP_IN_REGISTER(k1);
+            for (int r = 0; r < kRows; r++) {
+                __m256 w = _mm256_broadcast_ss(q_rows + r * p.dim + c);
+                lo[r] = _mm256_fmadd_ps(w, k0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(w, k1, hi[r]);
+            }
+        }
+        // scale, then bias, as torch's attention rounds them: logits far from zero keep
+        // their precision better than with the scale folded into q
+        const __m256 scale = _mm256_set1_ps(p.scale);
+        for (int r = 0; r < kRows; r++) {
+            __m256 bias_lo, bias_hi;
+            if (bias_from_factors) {  // 16 keys share one row of the key grid
+                const __m256 h = _mm256_set1_ps(rel_h[r][j / p.width]);
+                bias_lo = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + j % p.width));
+                bias_hi = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + j % p.width + 8));
+            } else {
+                bias_lo = _mm256_loadu_ps(logits + r * stride + j);
+                bias_hi = _mm256_loadu_ps(logits + r * stride + j + 8);
+            }
+            lo[r] = _mm256_fmadd_ps(lo[r], scale, bias_lo);
+            hi[r] = _mm256_fmadd_ps(hi[r], scale, bias_hi);
+            _mm256_storeu_ps(logits + r * stride + j, lo[r]);
+            _mm256_storeu_ps(logits + r * stride + j + 8, hi[r]);
+            m[r] = _mm256_max_ps(m[r], _mm256_max_ps(lo[r], hi[r]));
+        }
+    }
+    for (int r = 0; r < kRows; r++) max_out[r] = horizontal_max(m[r]);
+}
+
+// acc[r * vdim_pad + e] += sum over keys [first, last) of weights[r, j] * v_t[e, j], two
+// value channels at a time, as 8-lane partial sums.
+void accumulate_values(const Problem& p, const float* v_t, const float* weights, int64_t stride,
+                       int64_t first, int64_t last, __m256* acc, int64_t vdim_pad) {
+    for (int64_t e = 0; e < p.vdim; e += 2) {
+        const float* v0 = v_t + e * p.v_stride;
+        const float* v1 = e + 1 < p.vdim ? v0 + p.v_stride : v0;
+        __m256 a0[kRows], a1[kRows];
+        for (int r = 0; r < kRows; r++) { a0[r] = acc[r * vdim_pad + e]; a1[r] = acc[r * vdim_pad + e + 1]; }
+        for (int64_t j = first; j < last; j += 8) {
+            __m256 x0 = _mm256_loadu_ps(v0 + j), x1 = _mm256_loadu_ps(v1 + j);
+            KEEP_IN_REGISTER(x0);
+            KEEP_IN_REGISTER(x1);
+            for (int r = 0; r < kRows; r++) {
+                __m256 w = _mm256_loadu_ps(weights + r * stride + j);
+                KEEP_IN_REGISTER(w);
+                a0[r] = _mm256_fmadd_ps(w, x0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(w, x1, a1[r]);
+            }
+        }
+        for (int r = 0; r < kRows; r++) { acc[r * vdim_pad + e] = a0[r]; acc[r * vdim_pad + e + 1] = a1[r]; }
+    }
+}
+
+void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows, float* logits, int64_t stride,
+                 float* q_rows, __m256* acc, int64_t vdim_pad) {
+    const int64_t n = p.height * p.width;
+    const int64_t batch = item / p.heads, head = item % p.heads;
+    const float* k_pack = p.k_pack + item * p.dim * p.keys_padded;
+    const float* v_t = p.v_t + item * p.vdim * p.v_stride;
+    const bool bias_from_factors = p.width % 16 == 0;
+    const float* rel_h[kRows];
+    const float* rel_w[kRows];
+    for (int r = 0; r < kRows; r++) {
+        const int64_t row = first_row + (r < rows ? r : 0);  // spare rows repeat the first
+        const float* q = p.q + batch * p.q_batch + head * p.q_head + row * p.q_row;
+        for (int64_t c = 0; c < p.dim; c++) q_rows[r * p.dim + c] = q[c];
+        rel_h[r] = p.rel_h + (item * n + row) * p.height;
+        rel_w[r] = p.rel_w + (item * n + row) * p.width;
+        if (!bias_from_factors) {
+            float* bias = logits + r * stride;
+            for (int64_t i = 0; i < p.height; i++)
+                for (int64_t j = 0; j < p.width; j++) bias[i * p.width + j] = rel_h[r][i] + rel_w[r][j];
+            for (int64_t j = n; j < p.keys_padded; j++) bias[j] = -1e30f;
+        }
+    }
+    float running_max[kRows], running_sum[kRows], block_max[kRows];
+    for (int r = 0; r < kRows; r++) { running_max[r] = -3e38f; running_sum[r] = 0.0f; }
+    for (int64_t i = 0; i < kRows * vdim_pad; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t first = 0; first < p.keys_padded; first += kKeys) {
+        const int64_t last = first + kKeys < p.keys_padded ? first + kKeys : p.keys_padded;
+        logits_block(p, k_pack, q_rows, rel_h, rel_w, logits, stride, first, last, bias_from_factors, block_max);
+        for (int r = 0; r < kRows; r++) {
+            if (block_max[r] > running_max[r]) {  // rescale what the earlier blocks summed
+                const float alpha = expf(running_max[r] - block_max[r]);
+                running_sum[r] *= alpha;
+                const __m256 a = _mm256_set1_ps(alpha);
+                for (int64_t e = 0; e < vdim_pad; e++) acc[r * vdim_pad + e] = _mm256_mul_ps(acc[r * vdim_pad + e], a);
+                running_max[r] = block_max[r];
+            }
+            float* row = logits + r * stride;
+            const __m256 m_log2e = _mm256_set1_ps(running_max[r] * 1.44269504088896341f);
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (int64_t j = first; j < last; j += 16) {
+                __m256 e0 = exp_below_max(_mm256_loadu_ps(row + j), m_log2e);
+                __m256 e1 = exp_below_max(_mm256_loadu_ps(row + j + 8), m_log2e);
+                _mm256_storeu_ps(row + j, e0);
+                _mm256_storeu_ps(row + j + 8, e1);
+                s0 = _mm256_add_ps(s0, e0);
+                s1 = _mm256_add_ps(s1, e1);
+            }
+            running_sum[r] += horizontal_sum(_mm256_add_ps(s0, s1));
+        }
+        accumulate_values(p, v_t, logits, stride, first, last, acc, vdim_pad);
+    }
+    for (int r = 0; r < rows; r++) {
+        const float inverse = 1.0f / running_sum[r];
+        float* out = p.out + batch * p.out_batch + head * p.out_head + (first_row + r) * p.out_row;
+        for (int64_t e = 0; e < p.vdim; e++) out[e] = horizontal_sum(acc[r * vdim_pad + e]) * inverse;
+    }
+}
+
+}  // namespace
+
+extern "C" int slimseg_kernel_version(void) { return 1; }
+
+// Items [item_begin, item_end), query rows [row_begin, row_end) of each. Returns 0, or 1
+// when scratch memory could not be allocated (nothing written then).
+extern "C" int slimseg_rel_pos_attention(
+    const float* q, const float* k_pack, const float* v_t, const float* rel_h, const float* rel_w, float* out,
+    int64_t heads, int64_t height, int64_t width, int64_t dim, int64_t vdim, int64_t keys_padded, int64_t v_stride,
+    int64_t q_batch, int64_t q_head, int64_t q_row, int64_t out_batch, int64_t out_head, int64_t out_row,
+    float scale, int64_t item_begin, int64_t item_end, int64_t row_begin, int64_t row_end) {
+    const Problem p{q, k_pack, v_t, rel_h, rel_w, out, heads, height, width, dim, vdim, keys_padded, v_stride,
+                    q_batch, q_head, q_row, out_batch, out_head, out_row, scale};
+    // +16 floats per row: rows 16 KB apart would share first-level cache sets
+    const int64_t stride = keys_padded + 16;
+    const int64_t vdim_pad = vdim + (vdim & 1);
+    float* logits = static_cast<float*>(aligned_alloc(64, sizeof(float) * kRows * stride));
+    float* q_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kRows * dim + 15) / 16 * 16)));
+    __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kRows * vdim_pad));
+    int status = logits && q_rows && acc ? 0 : 1;
+    if (status == 0)
+        for (int64_t item = item_begin; item < item_end; item++)
+            for (int64_t row = row_begin; row < row_end; row += kRows) {
+                const int64_t rows = row_end - row < kRows ? row_end - row : kRows;
+                attend_rows(p, item, row, rows, logits, stride, q_rows, acc, vdim_pad);
+            }
+    free(acc);
+    free(q_rows);
+    free(logits);
+    return status;
+}

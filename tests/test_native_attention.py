@@ -1,0 +1,197 @@
+"""The native relative-position attention kernel against float64 attention, its work split,
+its build (cache, failures) and its place in the image encoder.
+
+The kernel tests skip, with the reason, where it cannot be built (no AVX2, no C++ compiler);
+the build-failure tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_tiny_model
+
+import slimseg.modeling.sam.native_attention as native_attention
+from slimseg.modeling.sam.fast_paths import plain_compute
+from slimseg.modeling.sam.native_attention import (
+    build_library,
+    load_native_kernel,
+    native_kernel,
+    native_kernel_status,
+    native_kernels_disabled,
+)
+from slimseg.modeling.sam.rel_pos import decomposed_rel_pos_bias, rel_pos_attention, rel_pos_terms
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    found = native_kernel()
+    if found is None:
+        pytest.skip(native_kernel_status())
+    return found
+
+
+def _problem(batch, heads, grid, dim, value_dim, seed, logit_scale=1.0):
+    """q, k, v as views of one projection output (like the encoder's), the two tables."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = grid * grid
+    projected = torch.randn(batch, tokens, heads, 2 * dim + value_dim, generator=generator)
+    q, k, v = (t.transpose(1, 2) for t in projected.split([dim, dim, value_dim], dim=-1))
+    tables = [torch.randn(2 * grid - 1, dim, generator=generator) * logit_scale * 0.3 for _ in range(2)]
+    return q * logit_scale, k, v, tables
+
+
+def _float64_attention(q, k, v, tables, grid, scale):
+    rel_h, rel_w = rel_pos_terms(q.double(), tables[0].double(), tables[1].double(), (grid, grid))
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    weights = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2) + bias, dim=-1)
+    return weights @ v.double()
+
+
+@pytest.mark.parametrize(
+    "batch, heads, grid, dim, value_dim",
+    [
+        (1, 3, 32, 14, 14),  # a global block: keys grid width a multiple of 16, bias from its factors
+        (5, 2, 7, 16, 19),  # windows: 49 keys padded to 64, odd value width
+        (2, 2, 16, 32, 32),
+        (1, 2, 9, 64, 64),
+        (1, 1, 1, 8, 3),  # one token
+    ],
+)
+def test_kernel_matches_float64_attention(kernel, batch, heads, grid, dim, value_dim):
+    q, k, v, tables = _problem(batch, heads, grid, dim, value_dim, seed=grid)
+    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (grid, grid))
+    got = kernel(q, k, v, rel_h, rel_w, (grid, grid), dim**-0.5)
+    want = _float64_attention(q, k, v, tables, grid, dim**-0.5)
+    assert got.shape == (batch, heads, grid * grid, value_dim) and got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) < 2e-6 * float(want.abs().max())
+    assert got.transpose(1, 2).is_contiguous()  # the caller merges heads with a view
+
+
+def test_kernel_keeps_precision_over_a_wide_logit_range(kernel):
+    """Logits up to about ±90: the running maximum moves from key block to key block and
+    most weights underflow. float32 logits that large carry rounding errors of their own, so
+    the kernel is held to torch's fused attention on the same inputs."""
+    grid = 32
+    q, k, v, tables = _problem(1, 2, grid, 16, 16, seed=3, logit_scale=12.0)
+    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (grid, grid))
+    got = kernel(q, k, v, rel_h, rel_w, (grid, grid), 0.25)
+    want = _float64_attention(q, k, v, tables, grid, 0.25)
+    bias = decomposed_rel_pos_bias(q, tables[0], tables[1], (grid, grid))
+    torch_error = float((F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.25).double() - want).abs().max())
+    assert float((got.double() - want).abs().max()) <= 1.5 * torch_error
+
+
+def test_kernel_gives_the_same_bits_on_one_or_two_threads(kernel):
+    q, k, v, tables = _problem(3, 2, 16, 14, 14, seed=5)
+    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (16, 16))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)
+        torch.set_num_threads(2)
+        two = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("items, rows, threads", [(1, 4096, 2), (12, 4096, 2), (300, 196, 2), (7, 5, 3), (2, 9, 1)])
+def test_work_split_covers_every_row_once(items, rows, threads):
+    covered = torch.zeros(items, rows, dtype=torch.int64)
+    tasks = native_attention._split(items, rows, threads)
+    for item_begin, item_end, row_begin, row_end in tasks:
+        covered[item_begin:item_end, row_begin:row_end] += 1
+    assert bool((covered == 1).all())
+    assert threads == 1 or len(tasks) >= min(threads, items * rows)
+
+
+def test_encoder_with_the_kernel_matches_the_plain_computation(kernel):
+    """A tiny SAM (global and windowed blocks) through the fast paths with the kernel, with
+    torch's attention, and plain."""
+    model = random_tiny_model(seed=4)
+    image = torch.rand(1, 3, model.img_size, model.img_size) * 255
+    with torch.inference_mode():
+        native = model.image_encoder(model.preprocess(image))
+        with native_kernels_disabled():
+            torch_attention = model.image_encoder(model.preprocess(image))
+        with plain_compute():
+            plain = model.image_encoder(model.preprocess(image))
+    scale = float(plain.abs().max())
+    assert float((native - plain).abs().max()) < 1e-4 * scale
+    assert float((torch_attention - plain).abs().max()) < 1e-4 * scale
+
+
+def test_autograd_keeps_torch_attention(kernel):
+    q = torch.randn(1, 2, 16 * 16, 8, requires_grad=True)
+    table = torch.randn(31, 8, requires_grad=True)
+    out = rel_pos_attention(q, q, q, table, table, (16, 16), 0.5)
+    out.sum().backward()
+    assert q.grad is not None and float(table.grad.abs().sum()) > 0
+
+
+def test_built_library_is_reused_from_the_cache(tmp_path, kernel):
+    first = build_library(os.environ.get("CXX", "c++"), tmp_path)
+    modified = first.stat().st_mtime_ns
+    assert build_library(os.environ.get("CXX", "c++"), tmp_path) == first
+    assert first.stat().st_mtime_ns == modified
+    assert [path.name for path in tmp_path.iterdir()] == [first.name]
+
+
+def _failing_compiler(tmp_path: Path) -> Path:
+    script = tmp_path / "broken-c++"
+    script.write_text("#!/bin/sh\necho 'rel_pos_attention.cpp:1: error: no AVX2 here' >&2\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_a_failing_compiler_means_torch_attention_and_leaves_no_files(tmp_path):
+    cache = tmp_path / "kernels"
+    with pytest.raises(RuntimeError, match="error: no AVX2 here"):
+        build_library(str(_failing_compiler(tmp_path)), cache)
+    assert list(cache.iterdir()) == []
+    kernel, status = load_native_kernel(str(_failing_compiler(tmp_path)), cache)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert kernel is None and status.startswith("torch (no native kernel:") and "no AVX2 here" in status
+
+
+def test_a_missing_compiler_or_the_switch_means_torch_attention(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match=re.escape("no C++ compiler 'no-such-c++' on PATH")):
+        build_library("no-such-c++", tmp_path)
+    monkeypatch.setenv("SLIMSEG_NATIVE_KERNELS", "0")
+    assert load_native_kernel("c++", tmp_path) == (None, "torch (SLIMSEG_NATIVE_KERNELS=0)")
+
+
+def test_disabled_kernels_report_torch():
+    with native_kernels_disabled():
+        assert native_kernel() is None
+        assert native_kernel_status() == "torch (native kernels disabled)"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_kernel_on_its_own_threads(kernel):
+    """The parent's worker threads do not survive fork; the child must not wait on them."""
+    import multiprocessing
+
+    q, k, v, tables = _problem(1, 2, 16, 14, 14, seed=6)
+    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (16, 16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)  # the parent's pool now exists
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_attend_in_child, (q, k, v, rel_h, rel_w)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, want)
+
+
+def _attend_in_child(q, k, v, rel_h, rel_w):
+    torch.set_num_threads(2)
+    return native_kernel()(q, k, v, rel_h, rel_w, (16, 16), 0.3)  # the parent's, inherited
