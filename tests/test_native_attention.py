@@ -26,7 +26,12 @@ from slimseg.modeling.sam.native_attention import (
     native_kernel_status,
     native_kernels_disabled,
 )
-from slimseg.modeling.sam.rel_pos import decomposed_rel_pos_bias, rel_pos_attention, rel_pos_terms
+from slimseg.modeling.sam.rel_pos import (
+    decomposed_rel_pos_bias,
+    rel_pos_attention,
+    rel_pos_terms,
+    relative_position_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +43,25 @@ def kernel():
 
 
 def _problem(batch, heads, grid, dim, value_dim, seed, logit_scale=1.0):
-    """q, k, v as views of one projection output (like the encoder's), the two tables."""
+    """q, k, v as views of one projection output (like the encoder's) over a ``grid`` of
+    (rows, columns) tokens, or grid x grid for an int, and the two tables."""
+    rows, columns = (grid, grid) if isinstance(grid, int) else grid
     generator = torch.Generator().manual_seed(seed)
-    tokens = grid * grid
-    projected = torch.randn(batch, tokens, heads, 2 * dim + value_dim, generator=generator)
+    projected = torch.randn(batch, rows * columns, heads, 2 * dim + value_dim, generator=generator)
     q, k, v = (t.transpose(1, 2) for t in projected.split([dim, dim, value_dim], dim=-1))
-    tables = [torch.randn(2 * grid - 1, dim, generator=generator) * logit_scale * 0.3 for _ in range(2)]
+    tables = [torch.randn(2 * size - 1, dim, generator=generator) * logit_scale * 0.3 for size in (rows, columns)]
     return q * logit_scale, k, v, tables
 
 
+def _gathered(tables, grid):
+    """The relative-position embeddings of each query and key row, and of each column."""
+    rows, columns = (grid, grid) if isinstance(grid, int) else grid
+    return [relative_position_table(rows, rows, tables[0]), relative_position_table(columns, columns, tables[1])]
+
+
 def _float64_attention(q, k, v, tables, grid, scale):
-    rel_h, rel_w = rel_pos_terms(q.double(), tables[0].double(), tables[1].double(), (grid, grid))
+    size = (grid, grid) if isinstance(grid, int) else grid
+    rel_h, rel_w = rel_pos_terms(q.double(), tables[0].double(), tables[1].double(), size)
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
     weights = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2) + bias, dim=-1)
     return weights @ v.double()
@@ -61,15 +74,17 @@ def _float64_attention(q, k, v, tables, grid, scale):
         (5, 2, 7, 16, 19),  # windows: 49 keys padded to 64, odd value width
         (2, 2, 16, 32, 32),
         (1, 2, 9, 64, 64),
+        (1, 2, (12, 32), 14, 14),  # rows and columns differ, bias from its factors
+        (2, 1, (5, 11), 24, 24),  # rows and columns differ, 55 keys padded to 64
         (1, 1, 1, 8, 3),  # one token
     ],
 )
 def test_kernel_matches_float64_attention(kernel, batch, heads, grid, dim, value_dim):
-    q, k, v, tables = _problem(batch, heads, grid, dim, value_dim, seed=grid)
-    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (grid, grid))
-    got = kernel(q, k, v, rel_h, rel_w, (grid, grid), dim**-0.5)
+    q, k, v, tables = _problem(batch, heads, grid, dim, value_dim, seed=dim + value_dim)
+    gathered = _gathered(tables, grid)
+    got = kernel(q, k, v, *gathered, dim**-0.5)
     want = _float64_attention(q, k, v, tables, grid, dim**-0.5)
-    assert got.shape == (batch, heads, grid * grid, value_dim) and got.dtype == torch.float32
+    assert got.shape == (batch, heads, q.shape[2], value_dim) and got.dtype == torch.float32
     assert float((got.double() - want).abs().max()) < 2e-6 * float(want.abs().max())
     assert got.transpose(1, 2).is_contiguous()  # the caller merges heads with a view
 
@@ -80,8 +95,8 @@ def test_kernel_keeps_precision_over_a_wide_logit_range(kernel):
     the kernel is held to torch's fused attention on the same inputs."""
     grid = 32
     q, k, v, tables = _problem(1, 2, grid, 16, 16, seed=3, logit_scale=12.0)
-    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (grid, grid))
-    got = kernel(q, k, v, rel_h, rel_w, (grid, grid), 0.25)
+    gathered = _gathered(tables, grid)
+    got = kernel(q, k, v, *gathered, 0.25)
     want = _float64_attention(q, k, v, tables, grid, 0.25)
     bias = decomposed_rel_pos_bias(q, tables[0], tables[1], (grid, grid))
     torch_error = float((F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.25).double() - want).abs().max())
@@ -90,13 +105,13 @@ def test_kernel_keeps_precision_over_a_wide_logit_range(kernel):
 
 def test_kernel_gives_the_same_bits_on_one_or_two_threads(kernel):
     q, k, v, tables = _problem(3, 2, 16, 14, 14, seed=5)
-    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (16, 16))
+    gathered = _gathered(tables, 16)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)
+        one = kernel(q, k, v, *gathered, 0.3)
         torch.set_num_threads(2)
-        two = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)
+        two = kernel(q, k, v, *gathered, 0.3)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -180,18 +195,18 @@ def test_a_forked_child_runs_the_kernel_on_its_own_threads(kernel):
     import multiprocessing
 
     q, k, v, tables = _problem(1, 2, 16, 14, 14, seed=6)
-    rel_h, rel_w = rel_pos_terms(q, tables[0], tables[1], (16, 16))
+    gathered = _gathered(tables, 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        want = kernel(q, k, v, rel_h, rel_w, (16, 16), 0.3)  # the parent's pool now exists
+        want = kernel(q, k, v, *gathered, 0.3)  # the parent's pool now exists
         with multiprocessing.get_context("fork").Pool(1) as pool:
-            got = pool.apply_async(_attend_in_child, (q, k, v, rel_h, rel_w)).get(timeout=60)
+            got = pool.apply_async(_attend_in_child, (q, k, v, gathered)).get(timeout=60)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, want)
 
 
-def _attend_in_child(q, k, v, rel_h, rel_w):
+def _attend_in_child(q, k, v, gathered):
     torch.set_num_threads(2)
-    return native_kernel()(q, k, v, rel_h, rel_w, (16, 16), 0.3)  # the parent's, inherited
+    return native_kernel()(q, k, v, *gathered, 0.3)  # the parent's, inherited

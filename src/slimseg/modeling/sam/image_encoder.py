@@ -24,7 +24,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        # Contiguous once here: a permuted view would pass its layout on through every
+        # residual sum, and each layer norm and projection would copy it again.
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()
 
 
 class Attention(nn.Module):

@@ -1,8 +1,8 @@
 """The native CPU kernel for relative-position attention (rel_pos_attention.cpp), built on
 first use with the system C++ compiler and called through ctypes.
 
-On a 2-core AVX2 machine it runs SlimSAM-77's global attention blocks 1.7x faster than torch's
-fused attention over a prebuilt bias, and SAM-B's 1.2x (docs/benchmarks.md). It needs an
+On a 2-core AVX2 machine it runs SlimSAM-77's global attention blocks 2.1x faster than torch's
+fused attention over a prebuilt bias, SlimSAM-50's 1.4x and SAM-B's 1.1x (docs/benchmarks.md). It needs an
 x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``, else ``c++``) and float32 inputs;
 without them, or with ``SLIMSEG_NATIVE_KERNELS=0``, :func:`native_kernel` returns None and
 the callers keep torch's attention. Like the other fast paths it serves only inference
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KEY_BLOCK = 16  # keys per packed block of the kernel's k layout
@@ -51,15 +51,16 @@ class RelPosAttentionKernel:
         self._pool_key = (0, 0)  # (threads, process id) the pool was made for
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
-        size: tuple[int, int], scale: float,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
-        """softmax(scale·q·kᵀ + rel_h[i, row(j)] + rel_w[i, col(j)])·v.
+        """softmax(scale·q·kᵀ + rel_h[i, row(j)] + rel_w[i, col(j)])·v over an H x W token grid,
+        with rel_h[i, r] = q_i·table_h[row(i), r] and rel_w[i, c] = q_i·table_w[col(i), c].
 
         Arguments:
             q, k: (B, heads, H*W, C) float32; q may be a strided view (the projection's heads).
             v: (B, heads, H*W, Cv) float32.
-            rel_h, rel_w: (B, heads, H*W, H) and (B, heads, H*W, W), as ``rel_pos_terms`` gives them.
+            table_h, table_w: (H, H, C) and (W, W, C), as ``relative_position_table`` gathers them.
         Returns:
             (B, heads, H*W, Cv), a view of (B, H*W, heads, Cv) storage.
         """
@@ -76,11 +77,12 @@ class RelPosAttentionKernel:
         )
         # 16 spare columns: value rows 16 KB apart would share first-level cache sets
         v_t = F.pad(v.reshape(items, tokens, value_dim).transpose(1, 2), (0, missing + KEY_BLOCK))
-        rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
+        # (query position, channel, key position): the kernel's terms run along key positions
+        table_h, table_w = table_h.transpose(1, 2).contiguous(), table_w.transpose(1, 2).contiguous()
         out = q.new_empty(batch, tokens, heads, value_dim).transpose(1, 2)
-        shape = (heads, size[0], size[1], dim, value_dim, keys_padded, v_t.shape[-1])
+        shape = (heads, table_h.shape[0], table_w.shape[0], dim, value_dim, keys_padded, v_t.shape[-1])
         strides = (q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2))
-        pointers = [t.data_ptr() for t in (q, k_pack, v_t, rel_h, rel_w, out)]
+        pointers = [t.data_ptr() for t in (q, k_pack, v_t, table_h, table_w, out)]
 
         def run(task: tuple[int, int, int, int]) -> int:
             return self._function(*pointers, *shape, *strides, scale, *task)

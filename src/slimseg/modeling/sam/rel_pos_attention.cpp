@@ -3,8 +3,8 @@
 // SAM's image encoder adds a decomposed relative-position bias to every attention logit.
 // torch's fused CPU attention can only read that bias from memory, so it has to be built
 // first (805 MB per global block of SAM-B, 12 heads x 4096 x 4096 floats) and streamed
-// through the kernel. Here the bias of a key block is formed from the two small factors as
-// the logits are computed, and the keys are consumed in blocks with an online softmax, so
+// through the kernel. Here each query row's two small factors are computed from q and the
+// gathered tables, the bias of a key block is formed from them as the logits are computed, and the keys are consumed in blocks with an online softmax, so
 // the working set of four query rows stays in the first-level cache. slimseg compiles this
 // file on first use (slimseg/modeling/sam/native_attention.py) and calls it through ctypes.
 //
@@ -13,7 +13,9 @@
 //   out:    the same with out_batch, out_head and out_row
 //   k_pack: (items, keys_padded / 16, dim, 16): blocks of 16 keys, channel-major inside a block
 //   v_t:    (items, vdim, v_stride): values transposed, keys along the row
-//   rel_h:  (items, n, height) and rel_w: (items, n, width), contiguous
+//   table_h: (height, dim, height), element (query row, channel, key row): the relative-position
+//            embedding of that offset (gathered as slimseg.modeling.sam.rel_pos does), and
+//   table_w: (width, dim, width) the same for columns; rel_h[i, r] = q_i . table_h[row(i), :, r]
 // keys_padded is n rounded up to 16; the padded keys of k_pack and v_t must be zero.
 
 #include <immintrin.h>
@@ -63,7 +65,7 @@ inline float horizontal_max(__m256 a) {
 #define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
 
 struct Problem {
-    const float* q; const float* k_pack; const float* v_t; const float* rel_h; const float* rel_w; float* out;
+    const float* q; const float* k_pack; const float* v_t; const float* table_h; const float* table_w; float* out;
     int64_t heads, height, width, dim, vdim, keys_padded, v_stride;
     int64_t q_batch, q_head, q_row, out_batch, out_head, out_row;
     float scale;
@@ -137,8 +139,16 @@ void accumulate_values(const Problem& p, const float* v_t, const float* weights,
     }
 }
 
+// out[k] = sum over c of q[c] * table[c * keys + k]: one query's relative-position terms.
+inline void relative_terms(const float* __restrict__ q, const float* __restrict__ table, int64_t dim, int64_t keys,
+                           float* __restrict__ out) {
+    for (int64_t k = 0; k < keys; k++) out[k] = 0.0f;
+    for (int64_t c = 0; c < dim; c++)
+        for (int64_t k = 0; k < keys; k++) out[k] += q[c] * table[c * keys + k];
+}
+
 void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows, float* logits, int64_t stride,
-                 float* q_rows, __m256* acc, int64_t vdim_pad) {
+                 float* q_rows, float* rel_rows, __m256* acc, int64_t vdim_pad) {
     const int64_t n = p.height * p.width;
     const int64_t batch = item / p.heads, head = item % p.heads;
     const float* k_pack = p.k_pack + item * p.dim * p.keys_padded;
@@ -150,12 +160,20 @@ void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows
         const int64_t row = first_row + (r < rows ? r : 0);  // spare rows repeat the first
         const float* q = p.q + batch * p.q_batch + head * p.q_head + row * p.q_row;
         for (int64_t c = 0; c < p.dim; c++) q_rows[r * p.dim + c] = q[c];
-        rel_h[r] = p.rel_h + (item * n + row) * p.height;
-        rel_w[r] = p.rel_w + (item * n + row) * p.width;
+        float* terms = rel_rows + r * (p.height + p.width);
+        relative_terms(q, p.table_h + row / p.width * p.dim * p.height, p.dim, p.height, terms);
+        relative_terms(q, p.table_w + row % p.width * p.dim * p.width, p.dim, p.width, terms + p.height);
+        rel_h[r] = terms;
+        rel_w[r] = terms + p.height;
         if (!bias_from_factors) {
+            // 8 columns at a time; a store that runs past the end of a key row is
+            // overwritten by the next row, the last row's by the padding's -1e30
             float* bias = logits + r * stride;
-            for (int64_t i = 0; i < p.height; i++)
-                for (int64_t j = 0; j < p.width; j++) bias[i * p.width + j] = rel_h[r][i] + rel_w[r][j];
+            for (int64_t i = 0; i < p.height; i++) {
+                const __m256 h = _mm256_set1_ps(rel_h[r][i]);
+                for (int64_t j = 0; j < p.width; j += 8)
+                    _mm256_storeu_ps(bias + i * p.width + j, _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + j)));
+            }
             for (int64_t j = n; j < p.keys_padded; j++) bias[j] = -1e30f;
         }
     }
@@ -197,31 +215,34 @@ void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows
 
 }  // namespace
 
-extern "C" int slimseg_kernel_version(void) { return 1; }
+extern "C" int slimseg_kernel_version(void) { return 2; }
 
 // Items [item_begin, item_end), query rows [row_begin, row_end) of each. Returns 0, or 1
 // when scratch memory could not be allocated (nothing written then).
 extern "C" int slimseg_rel_pos_attention(
-    const float* q, const float* k_pack, const float* v_t, const float* rel_h, const float* rel_w, float* out,
+    const float* q, const float* k_pack, const float* v_t, const float* table_h, const float* table_w, float* out,
     int64_t heads, int64_t height, int64_t width, int64_t dim, int64_t vdim, int64_t keys_padded, int64_t v_stride,
     int64_t q_batch, int64_t q_head, int64_t q_row, int64_t out_batch, int64_t out_head, int64_t out_row,
     float scale, int64_t item_begin, int64_t item_end, int64_t row_begin, int64_t row_end) {
-    const Problem p{q, k_pack, v_t, rel_h, rel_w, out, heads, height, width, dim, vdim, keys_padded, v_stride,
+    const Problem p{q, k_pack, v_t, table_h, table_w, out, heads, height, width, dim, vdim, keys_padded, v_stride,
                     q_batch, q_head, q_row, out_batch, out_head, out_row, scale};
     // +16 floats per row: rows 16 KB apart would share first-level cache sets
     const int64_t stride = keys_padded + 16;
     const int64_t vdim_pad = vdim + (vdim & 1);
     float* logits = static_cast<float*>(aligned_alloc(64, sizeof(float) * kRows * stride));
     float* q_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kRows * dim + 15) / 16 * 16)));
+    // +8 floats: the bias rows above read 8 columns at a time
+    float* rel_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kRows * (height + width) + 8 + 15) / 16 * 16)));
     __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kRows * vdim_pad));
-    int status = logits && q_rows && acc ? 0 : 1;
+    int status = logits && q_rows && rel_rows && acc ? 0 : 1;
     if (status == 0)
         for (int64_t item = item_begin; item < item_end; item++)
             for (int64_t row = row_begin; row < row_end; row += kRows) {
                 const int64_t rows = row_end - row < kRows ? row_end - row : kRows;
-                attend_rows(p, item, row, rows, logits, stride, q_rows, acc, vdim_pad);
+                attend_rows(p, item, row, rows, logits, stride, q_rows, rel_rows, acc, vdim_pad);
             }
     free(acc);
+    free(rel_rows);
     free(q_rows);
     free(logits);
     return status;
