@@ -89,6 +89,17 @@ def test_kernel_matches_float64_attention(kernel, batch, heads, grid, dim, value
     assert got.transpose(1, 2).is_contiguous()  # the caller merges heads with a view
 
 
+def test_kernel_refuses_inputs_that_disagree(kernel):
+    q, k, v, tables = _problem(1, 2, 8, 14, 14, seed=1)
+    table_h, table_w = _gathered(tables, 8)
+    with pytest.raises(ValueError, match="do not fit 64 tokens"):
+        kernel(q, k, v, table_h, table_w[:4, :4], 0.3)
+    with pytest.raises(ValueError, match="disagree"):
+        kernel(q, k[:, :, :32], v, table_h, table_w, 0.3)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        kernel(q.double(), k.double(), v.double(), table_h.double(), table_w.double(), 0.3)
+
+
 def test_kernel_keeps_precision_over_a_wide_logit_range(kernel):
     """Logits up to about ±90: the running maximum moves from key block to key block and
     most weights underflow. float32 logits that large carry rounding errors of their own, so

@@ -1,14 +1,15 @@
 """The native CPU kernel for relative-position attention (rel_pos_attention.cpp), built on
 first use with the system C++ compiler and called through ctypes.
 
-On a 2-core AVX2 machine it runs SlimSAM-77's global attention blocks 2.1x faster than torch's
-fused attention over a prebuilt bias, SlimSAM-50's 1.4x and SAM-B's 1.1x (docs/benchmarks.md). It needs an
-x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``, else ``c++``) and float32 inputs;
-without them, or with ``SLIMSEG_NATIVE_KERNELS=0``, :func:`native_kernel` returns None and
-the callers keep torch's attention. Like the other fast paths it serves only inference
-(``plain_compute()`` and autograd take torch's path). The shared library is cached under
-``<slimseg cache>/kernels``, named after a hash of the source and the build command, so
-that an upgrade rebuilds it and concurrent first runs do not clash.
+On a 2-core AVX2 machine it runs SlimSAM-77's global attention blocks 2.1x faster than
+torch's fused attention over a prebuilt bias, SlimSAM-50's 1.4x and SAM-B's 1.1x
+(docs/benchmarks.md). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
+else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
+:func:`native_kernel` returns None and the callers keep torch's attention. Like the other
+fast paths it serves only inference (``plain_compute()`` and autograd take torch's path).
+The shared library is cached under ``<slimseg cache>/kernels``, named after a hash of the
+source and the build command, so that an upgrade rebuilds it and concurrent first runs do
+not clash.
 """
 
 from __future__ import annotations
@@ -64,8 +65,7 @@ class RelPosAttentionKernel:
         Returns:
             (B, heads, H*W, Cv), a view of (B, H*W, heads, Cv) storage.
         """
-        if q.stride(-1) != 1:
-            raise ValueError("the attention kernel needs unit-stride query channels")
+        _check_inputs(q, k, v, table_h, table_w)
         batch, heads, tokens, dim = q.shape
         value_dim = v.shape[-1]
         items = batch * heads
@@ -102,6 +102,23 @@ class RelPosAttentionKernel:
             self._pool = ThreadPoolExecutor(key[0], thread_name_prefix="slimseg-attention")
             self._pool_key = key
         return self._pool
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
+                  table_w: torch.Tensor) -> None:
+    """The kernel reads raw memory: shapes that disagree would read past the tensors."""
+    tensors = (q, k, v, table_h, table_w)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        raise ValueError("the attention kernel takes float32 CPU tensors")
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k (B, heads, tokens, C) and v (B, heads, tokens, Cv) disagree: "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    rows, columns, dim = table_h.shape[0], table_w.shape[0], q.shape[-1]
+    if table_h.shape != (rows, rows, dim) or table_w.shape != (columns, columns, dim) or rows * columns != q.shape[2]:
+        raise ValueError(f"tables {tuple(table_h.shape)} and {tuple(table_w.shape)} do not fit "
+                         f"{q.shape[2]} tokens of {dim} channels")
+    if q.stride(-1) != 1:
+        raise ValueError("the attention kernel needs unit-stride query channels")
 
 
 def _split(items: int, rows: int, threads: int) -> list[tuple[int, int, int, int]]:

@@ -4,12 +4,14 @@
 // torch's fused CPU attention can only read that bias from memory, so it has to be built
 // first (805 MB per global block of SAM-B, 12 heads x 4096 x 4096 floats) and streamed
 // through the kernel. Here each query row's two small factors are computed from q and the
-// gathered tables, the bias of a key block is formed from them as the logits are computed, and the keys are consumed in blocks with an online softmax, so
-// the working set of four query rows stays in the first-level cache. slimseg compiles this
-// file on first use (slimseg/modeling/sam/native_attention.py) and calls it through ctypes.
+// gathered tables, the bias of a key block is formed from them as the logits are computed,
+// and the keys are consumed in blocks with an online softmax, so the working set of six
+// query rows stays in the first-level cache. slimseg compiles this file on first use
+// (slimseg/modeling/sam/native_attention.py) and calls it through ctypes.
 //
 // Layouts, in floats; an "item" is one (batch, head) pair, item = batch * heads + head:
-//   q:      element (item, n, c) at (item / heads) * q_batch + (item % heads) * q_head + n * q_row + c
+//   q:      element (item, n, c) at (item / heads) * q_batch + (item % heads) * q_head
+//           + n * q_row + c
 //   out:    the same with out_batch, out_head and out_row
 //   k_pack: (items, keys_padded / 16, dim, 16): blocks of 16 keys, channel-major inside a block
 //   v_t:    (items, vdim, v_stride): values transposed, keys along the row
