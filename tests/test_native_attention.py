@@ -221,3 +221,24 @@ def test_a_forked_child_runs_the_kernel_on_its_own_threads(kernel):
 def _attend_in_child(q, k, v, gathered):
     torch.set_num_threads(2)
     return native_kernel()(q, k, v, *gathered, 0.3)  # the parent's, inherited
+
+
+def test_two_first_runs_at_once_build_one_library(tmp_path, kernel):
+    """Two processes (say `xargs -P 2`) finding no library both build it; each renames its
+    own finished file into place, so both load it and no partial file is left."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys; from pathlib import Path; "
+        "from slimseg.modeling.sam.native_attention import load_native_kernel; "
+        "kernel, status = load_native_kernel(sys.argv[1], Path(sys.argv[2])); "
+        "print(status); sys.exit(0 if kernel else 1)"
+    )
+    compiler = os.environ.get("CXX", "c++")
+    runs = [subprocess.Popen([sys.executable, "-c", program, compiler, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert all(line.startswith("native (AVX2") for line in outputs)
+    assert len(list(tmp_path.iterdir())) == 1 and next(tmp_path.iterdir()).suffix == ".so"
