@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KEY_BLOCK = 16  # keys per packed block of the kernel's k layout
@@ -69,16 +69,10 @@ class RelPosAttentionKernel:
         batch, heads, tokens, dim = q.shape
         value_dim = v.shape[-1]
         items = batch * heads
-        missing = -tokens % KEY_BLOCK
-        keys_padded = tokens + missing
-        k_pack = (
-            F.pad(k.reshape(items, tokens, dim), (0, 0, 0, missing))
-            .view(items, keys_padded // KEY_BLOCK, KEY_BLOCK, dim).transpose(2, 3).contiguous()
-        )
-        # 16 spare columns: value rows 16 KB apart would share first-level cache sets
-        v_t = F.pad(v.reshape(items, tokens, value_dim).transpose(1, 2), (0, missing + KEY_BLOCK))
+        keys_padded = tokens + -tokens % KEY_BLOCK
+        k_pack, v_t = _packed_keys(k, keys_padded), _transposed_values(v, keys_padded)
         # (query position, channel, key position): the kernel's terms run along key positions
-        table_h, table_w = table_h.transpose(1, 2).contiguous(), table_w.transpose(1, 2).contiguous()
+        table_h, table_w = (F.pad(t.transpose(1, 2), (0, -t.shape[1] % 8)).contiguous() for t in (table_h, table_w))
         out = q.new_empty(batch, tokens, heads, value_dim).transpose(1, 2)
         shape = (heads, table_h.shape[0], table_w.shape[0], dim, value_dim, keys_padded, v_t.shape[-1])
         strides = (q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2))
@@ -102,6 +96,31 @@ class RelPosAttentionKernel:
             self._pool = ThreadPoolExecutor(key[0], thread_name_prefix="slimseg-attention")
             self._pool_key = key
         return self._pool
+
+
+def _packed_keys(k: torch.Tensor, keys_padded: int) -> torch.Tensor:
+    """(B, heads, N, C) → (B * heads, keys_padded / 16, C, 16) in one copy, padded keys zero."""
+    batch, heads, tokens, dim = k.shape
+    packed = k.new_empty(batch, heads, keys_padded // KEY_BLOCK, dim, KEY_BLOCK)
+    blocks = packed.transpose(3, 4)  # (B, heads, blocks, 16, C) view of the packed storage
+    full = tokens // KEY_BLOCK
+    blocks[:, :, :full].copy_(k[:, :, : full * KEY_BLOCK].unflatten(2, (full, KEY_BLOCK)))
+    if full * KEY_BLOCK < tokens:
+        rest = tokens - full * KEY_BLOCK
+        blocks[:, :, full, :rest].copy_(k[:, :, full * KEY_BLOCK :])
+        blocks[:, :, full, rest:].zero_()
+    return packed.view(batch * heads, keys_padded // KEY_BLOCK, dim, KEY_BLOCK)
+
+
+def _transposed_values(v: torch.Tensor, keys_padded: int) -> torch.Tensor:
+    """(B, heads, N, Cv) → (B * heads, Cv, keys_padded + 16) in one copy, spare columns zero.
+    The 16 spare columns keep value rows from lying 16 KB apart, where they would share
+    first-level cache sets."""
+    batch, heads, tokens, value_dim = v.shape
+    transposed = v.new_empty(batch, heads, value_dim, keys_padded + KEY_BLOCK)
+    transposed[..., :tokens].copy_(v.transpose(2, 3))
+    transposed[..., tokens:].zero_()
+    return transposed.view(batch * heads, value_dim, keys_padded + KEY_BLOCK)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,

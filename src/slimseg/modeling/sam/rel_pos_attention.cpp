@@ -15,9 +15,10 @@
 //   out:    the same with out_batch, out_head and out_row
 //   k_pack: (items, keys_padded / 16, dim, 16): blocks of 16 keys, channel-major inside a block
 //   v_t:    (items, vdim, v_stride): values transposed, keys along the row
-//   table_h: (height, dim, height), element (query row, channel, key row): the relative-position
-//            embedding of that offset (gathered as slimseg.modeling.sam.rel_pos does), and
-//   table_w: (width, dim, width) the same for columns; rel_h[i, r] = q_i . table_h[row(i), :, r]
+//   table_h: (height, dim, height8), element (query row, channel, key row): the
+//            relative-position embedding of that offset (gathered as slimseg.modeling.sam.rel_pos
+//            does), key rows zero-padded to height8 = height rounded up to 8, and
+//   table_w: (width, dim, width8) the same for columns; rel_h[i, r] = q_i . table_h[row(i), :, r]
 // keys_padded is n rounded up to 16; the padded keys of k_pack and v_t must be zero.
 
 #include <immintrin.h>
@@ -141,12 +142,21 @@ void accumulate_values(const Problem& p, const float* v_t, const float* weights,
     }
 }
 
-// out[k] = sum over c of q[c] * table[c * keys + k]: one query's relative-position terms.
-inline void relative_terms(const float* __restrict__ q, const float* __restrict__ table, int64_t dim, int64_t keys,
-                           float* __restrict__ out) {
-    for (int64_t k = 0; k < keys; k++) out[k] = 0.0f;
-    for (int64_t c = 0; c < dim; c++)
-        for (int64_t k = 0; k < keys; k++) out[k] += q[c] * table[c * keys + k];
+inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// out[k] = sum over c of q[c] * table[c * keys8 + k] for k < keys8 (a multiple of 8, the
+// table's padded row): one query's relative-position terms, 32 keys at a time.
+inline void relative_terms(const float* q, const float* table, int64_t dim, int64_t keys8, float* out) {
+    for (int64_t first = 0; first < keys8; first += 32) {
+        const int vectors = keys8 - first < 32 ? (int)((keys8 - first) / 8) : 4;
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t c = 0; c < dim; c++) {
+            const __m256 w = _mm256_set1_ps(q[c]);
+            const float* t = table + c * keys8 + first;
+            for (int v = 0; v < vectors; v++) a[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(t + 8 * v), a[v]);
+        }
+        for (int v = 0; v < vectors; v++) _mm256_storeu_ps(out + first + 8 * v, a[v]);
+    }
 }
 
 void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows, float* logits, int64_t stride,
@@ -162,11 +172,12 @@ void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows
         const int64_t row = first_row + (r < rows ? r : 0);  // spare rows repeat the first
         const float* q = p.q + batch * p.q_batch + head * p.q_head + row * p.q_row;
         for (int64_t c = 0; c < p.dim; c++) q_rows[r * p.dim + c] = q[c];
-        float* terms = rel_rows + r * (p.height + p.width);
-        relative_terms(q, p.table_h + row / p.width * p.dim * p.height, p.dim, p.height, terms);
-        relative_terms(q, p.table_w + row % p.width * p.dim * p.width, p.dim, p.width, terms + p.height);
+        const int64_t height8 = round_up8(p.height), width8 = round_up8(p.width);
+        float* terms = rel_rows + r * (height8 + width8);
+        relative_terms(q, p.table_h + row / p.width * p.dim * height8, p.dim, height8, terms);
+        relative_terms(q, p.table_w + row % p.width * p.dim * width8, p.dim, width8, terms + height8);
         rel_h[r] = terms;
-        rel_w[r] = terms + p.height;
+        rel_w[r] = terms + height8;
         if (!bias_from_factors) {
             // 8 columns at a time; a store that runs past the end of a key row is
             // overwritten by the next row, the last row's by the padding's -1e30
@@ -217,7 +228,7 @@ void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows
 
 }  // namespace
 
-extern "C" int slimseg_kernel_version(void) { return 2; }
+extern "C" int slimseg_kernel_version(void) { return 3; }
 
 // Items [item_begin, item_end), query rows [row_begin, row_end) of each. Returns 0, or 1
 // when scratch memory could not be allocated (nothing written then).
@@ -233,8 +244,8 @@ extern "C" int slimseg_rel_pos_attention(
     const int64_t vdim_pad = vdim + (vdim & 1);
     float* logits = static_cast<float*>(aligned_alloc(64, sizeof(float) * kRows * stride));
     float* q_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kRows * dim + 15) / 16 * 16)));
-    // +8 floats: the bias rows above read 8 columns at a time
-    float* rel_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kRows * (height + width) + 8 + 15) / 16 * 16)));
+    float* rel_rows = static_cast<float*>(
+        aligned_alloc(64, sizeof(float) * ((kRows * (round_up8(height) + round_up8(width)) + 15) / 16 * 16)));
     __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kRows * vdim_pad));
     int status = logits && q_rows && rel_rows && acc ? 0 : 1;
     if (status == 0)
