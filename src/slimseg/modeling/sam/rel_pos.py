@@ -3,10 +3,11 @@
 The relative-position term of query i and key j is ``rel_h[i, row(j)] + rel_w[i, col(j)]``:
 two small (queries, H) and (queries, W) tables whose outer sum is an additive attention bias.
 Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global block of SAM-B,
-allocated fresh (and page-faulted in) on every call. Inference therefore builds it a few
-query rows at a time into one reused buffer that stays in cache, and runs fused attention
-per chunk; training, tracing and compilation take the whole-bias path, which autograd and
-the exporters understand.
+allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
+kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
+is built and pays; otherwise it builds the bias a few query rows at a time into one reused
+buffer and runs torch's fused attention per chunk. Training, tracing and compilation take
+the whole-bias path, which autograd and the exporters understand.
 """
 
 from __future__ import annotations
