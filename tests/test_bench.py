@@ -250,3 +250,20 @@ def test_dtype_table_refuses_an_unknown_model():
     completed = subprocess.run([sys.executable, str(DTYPE_TABLE), "--models", "sam-z", "--device", "cpu"],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and "sam-z" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_machine_line_names_the_attention_kernel_and_why_not_native():
+    from slimseg.benchmark import describe_machine, machine_line
+    from slimseg.modeling.sam.native_attention import native_kernel_status, native_kernels_disabled
+
+    machine = describe_machine(torch.device("cpu"))
+    assert machine["attention_kernel"] == native_kernel_status()
+    status = machine["attention_kernel"]
+    if status.startswith("native"):  # the library's path stays in the JSON
+        assert machine_line(machine).endswith(", native relative-position attention")
+    else:
+        assert machine_line(machine).endswith(", torch relative-position attention " + status.removeprefix("torch "))
+    with native_kernels_disabled():
+        line = machine_line(describe_machine(torch.device("cpu")))
+    assert line.endswith("torch relative-position attention (native kernels disabled)")
+    assert "attention_kernel" not in describe_machine(torch.device("meta"))

@@ -63,5 +63,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     if "dtype" in machine:
         parts.append(machine["dtype"])
     if "attention_kernel" in machine:
-        parts.append(f"{machine['attention_kernel'].split(' (')[0]} relative-position attention")
+        # "native (AVX2, <library>)" or "torch (<why not native>)": the library's path is noise
+        # in one line, the reason for torch is not
+        kind, _, reason = machine["attention_kernel"].partition(" (")
+        parts.append(f"{kind} relative-position attention" + (f" ({reason}" if kind != "native" else ""))
     return ", ".join(parts)
