@@ -266,4 +266,6 @@ def test_machine_line_names_the_attention_kernel_and_why_not_native():
     with native_kernels_disabled():
         line = machine_line(describe_machine(torch.device("cpu")))
     assert line.endswith("torch relative-position attention (native kernels disabled)")
+    line = machine_line(describe_machine(torch.device("cpu"), torch.bfloat16))
+    assert line.endswith("torch relative-position attention (the native kernel takes float32, not bfloat16)")
     assert "attention_kernel" not in describe_machine(torch.device("meta"))

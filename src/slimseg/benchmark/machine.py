@@ -49,7 +49,7 @@ def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> 
     if device.type == "cuda":
         machine["cuda"] = torch.version.cuda
     if device.type == "cpu":
-        machine["attention_kernel"] = native_kernel_status()
+        machine["attention_kernel"] = native_kernel_status(dtype or torch.float32)
     if dtype is not None:
         machine["dtype"] = dtype_name(dtype)
     return machine

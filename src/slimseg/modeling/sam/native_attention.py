@@ -39,6 +39,7 @@ KERNEL_VERSION = 3
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KEY_BLOCK = 16  # keys per packed block of the kernel's k layout
+KERNEL_DTYPE = torch.float32
 
 
 class RelPosAttentionKernel:
@@ -127,7 +128,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: to
                   table_w: torch.Tensor) -> None:
     """The kernel reads raw memory: shapes that disagree would read past the tensors."""
     tensors = (q, k, v, table_h, table_w)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if any(t.device.type != "cpu" or t.dtype != KERNEL_DTYPE for t in tensors):
         raise ValueError("the attention kernel takes float32 CPU tensors")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k (B, heads, tokens, C) and v (B, heads, tokens, Cv) disagree: "
@@ -171,8 +172,11 @@ def native_kernel() -> RelPosAttentionKernel | None:
     return _state["kernel"] if _state["enabled"] else None  # type: ignore[return-value]
 
 
-def native_kernel_status() -> str:
-    """One line for benchmarks: ``native (AVX2, <library>)`` or ``torch (<reason>)``."""
+def native_kernel_status(dtype: torch.dtype = KERNEL_DTYPE) -> str:
+    """One line for benchmarks running at ``dtype``: ``native (AVX2, <library>)`` or
+    ``torch (<reason>)``."""
+    if dtype != KERNEL_DTYPE:
+        return f"torch (the native kernel takes {KERNEL_DTYPE}, not {dtype})".replace("torch.", "")
     native_kernel()
     return str(_state["status"]) if _state["enabled"] else "torch (native kernels disabled)"
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
-from slimseg.modeling.sam.native_attention import native_kernel
+from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, native_kernel
 
 # Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
 # the allocator to reuse the buffer instead of page-faulting a fresh one on every call. A
@@ -131,7 +131,7 @@ def _native_kernel_pays(q: torch.Tensor) -> bool:
     (SlimSAM-77 2.1x, SlimSAM-50 1.4x, SAM-B 1.1x); on windows (196 tokens) within a few
     per cent of torch for every head width, with the edge to the kernel only at SlimSAM-77's
     14 channels."""
-    if q.dtype != torch.float32:
+    if q.dtype != KERNEL_DTYPE:
         return False
     return q.shape[-2] >= GLOBAL_TOKENS or q.shape[-1] <= 16
 
