@@ -98,6 +98,18 @@ def test_kernel_refuses_inputs_that_disagree(kernel):
         kernel(q, k[:, :, :32], v, table_h, table_w, 0.3)
     with pytest.raises(ValueError, match="float32 CPU"):
         kernel(q.double(), k.double(), v.double(), table_h.double(), table_w.double(), 0.3)
+    with pytest.raises(ValueError, match="unit-stride channels"):
+        kernel(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, table_h, table_w, 0.3)
+
+
+def test_kernel_reads_any_layout_of_heads(kernel):
+    """Heads as views of one projection (the encoder's case) or as separate contiguous
+    tensors: the kernel packs keys and values itself, so the result is the same."""
+    q, k, v, tables = _problem(2, 3, 8, 14, 11, seed=4)
+    gathered = _gathered(tables, 8)
+    views = kernel(q, k, v, *gathered, 0.3)
+    copies = kernel(q.contiguous(), k.contiguous(), v.contiguous(), *gathered, 0.3)
+    assert torch.equal(views, copies)
 
 
 def test_kernel_keeps_precision_over_a_wide_logit_range(kernel):

@@ -1,8 +1,8 @@
 """The native CPU kernel for relative-position attention (rel_pos_attention.cpp), built on
 first use with the system C++ compiler and called through ctypes.
 
-On a 2-core AVX2 machine it runs SlimSAM-77's global attention blocks 2.1x faster than
-torch's fused attention over a prebuilt bias, SlimSAM-50's 1.4x and SAM-B's 1.1x
+On a 2-core AVX2 machine it runs global attention blocks 1.35x (SAM-B) to 2.1x (SlimSAM-77)
+faster than torch's fused attention over a prebuilt bias, and 14x14 windows 1.1x to 2.4x
 (docs/benchmarks.md). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
 else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
 :func:`native_kernel` returns None and the callers keep torch's attention. Like the other
@@ -35,10 +35,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
-KEY_BLOCK = 16  # keys per packed block of the kernel's k layout
 KERNEL_DTYPE = torch.float32
 
 
@@ -48,7 +47,7 @@ class RelPosAttentionKernel:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._function = library.slimseg_rel_pos_attention
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 13 + [ctypes.c_float] + [ctypes.c_int64] * 4
+        self._function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 17 + [ctypes.c_float] + [ctypes.c_int64] * 4
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key = (0, 0)  # (threads, process id) the pool was made for
 
@@ -60,8 +59,9 @@ class RelPosAttentionKernel:
         with rel_h[i, r] = q_i·table_h[row(i), r] and rel_w[i, c] = q_i·table_w[col(i), c].
 
         Arguments:
-            q, k: (B, heads, H*W, C) float32; q may be a strided view (the projection's heads).
-            v: (B, heads, H*W, Cv) float32.
+            q, k: (B, heads, H*W, C) float32; any strides with unit-stride channels, such as
+                the heads of a projection's output.
+            v: (B, heads, H*W, Cv) float32, the same.
             table_h, table_w: (H, H, C) and (W, W, C), as ``relative_position_table`` gathers them.
         Returns:
             (B, heads, H*W, Cv), a view of (B, H*W, heads, Cv) storage.
@@ -69,20 +69,17 @@ class RelPosAttentionKernel:
         _check_inputs(q, k, v, table_h, table_w)
         batch, heads, tokens, dim = q.shape
         value_dim = v.shape[-1]
-        items = batch * heads
-        keys_padded = tokens + -tokens % KEY_BLOCK
-        k_pack, v_t = _packed_keys(k, keys_padded), _transposed_values(v, keys_padded)
         # (query position, channel, key position): the kernel's terms run along key positions
         table_h, table_w = (F.pad(t.transpose(1, 2), (0, -t.shape[1] % 8)).contiguous() for t in (table_h, table_w))
         out = q.new_empty(batch, tokens, heads, value_dim).transpose(1, 2)
-        shape = (heads, table_h.shape[0], table_w.shape[0], dim, value_dim, keys_padded, v_t.shape[-1])
-        strides = (q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2))
-        pointers = [t.data_ptr() for t in (q, k_pack, v_t, table_h, table_w, out)]
+        shape = (heads, table_h.shape[0], table_w.shape[0], dim, value_dim)
+        strides = tuple(s for t in (q, k, v, out) for s in t.stride()[:3])
+        pointers = [t.data_ptr() for t in (q, k, v, table_h, table_w, out)]
 
         def run(task: tuple[int, int, int, int]) -> int:
             return self._function(*pointers, *shape, *strides, scale, *task)
 
-        tasks = _split(items, tokens, torch.get_num_threads())
+        tasks = _split(batch * heads, tokens, torch.get_num_threads())
         statuses = list(self._executor().map(run, tasks)) if len(tasks) > 1 else [run(tasks[0])]
         if any(statuses):
             raise MemoryError("the attention kernel could not allocate its scratch memory")
@@ -99,31 +96,6 @@ class RelPosAttentionKernel:
         return self._pool
 
 
-def _packed_keys(k: torch.Tensor, keys_padded: int) -> torch.Tensor:
-    """(B, heads, N, C) → (B * heads, keys_padded / 16, C, 16) in one copy, padded keys zero."""
-    batch, heads, tokens, dim = k.shape
-    packed = k.new_empty(batch, heads, keys_padded // KEY_BLOCK, dim, KEY_BLOCK)
-    blocks = packed.transpose(3, 4)  # (B, heads, blocks, 16, C) view of the packed storage
-    full = tokens // KEY_BLOCK
-    blocks[:, :, :full].copy_(k[:, :, : full * KEY_BLOCK].unflatten(2, (full, KEY_BLOCK)))
-    if full * KEY_BLOCK < tokens:
-        rest = tokens - full * KEY_BLOCK
-        blocks[:, :, full, :rest].copy_(k[:, :, full * KEY_BLOCK :])
-        blocks[:, :, full, rest:].zero_()
-    return packed.view(batch * heads, keys_padded // KEY_BLOCK, dim, KEY_BLOCK)
-
-
-def _transposed_values(v: torch.Tensor, keys_padded: int) -> torch.Tensor:
-    """(B, heads, N, Cv) → (B * heads, Cv, keys_padded + 16) in one copy, spare columns zero.
-    The 16 spare columns keep value rows from lying 16 KB apart, where they would share
-    first-level cache sets."""
-    batch, heads, tokens, value_dim = v.shape
-    transposed = v.new_empty(batch, heads, value_dim, keys_padded + KEY_BLOCK)
-    transposed[..., :tokens].copy_(v.transpose(2, 3))
-    transposed[..., tokens:].zero_()
-    return transposed.view(batch * heads, value_dim, keys_padded + KEY_BLOCK)
-
-
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
                   table_w: torch.Tensor) -> None:
     """The kernel reads raw memory: shapes that disagree would read past the tensors."""
@@ -137,8 +109,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: to
     if table_h.shape != (rows, rows, dim) or table_w.shape != (columns, columns, dim) or rows * columns != q.shape[2]:
         raise ValueError(f"tables {tuple(table_h.shape)} and {tuple(table_w.shape)} do not fit "
                          f"{q.shape[2]} tokens of {dim} channels")
-    if q.stride(-1) != 1:
-        raise ValueError("the attention kernel needs unit-stride query channels")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("the attention kernel needs unit-stride channels in q, k and v")
 
 
 def _split(items: int, rows: int, threads: int) -> list[tuple[int, int, int, int]]:

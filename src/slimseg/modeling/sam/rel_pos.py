@@ -5,8 +5,8 @@ two small (queries, H) and (queries, W) tables whose outer sum is an additive at
 Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global block of SAM-B,
 allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
 kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
-is built and pays; otherwise it builds the bias a few query rows at a time into one reused
-buffer and runs torch's fused attention per chunk. Training, tracing and compilation take
+is built and the input is float32; otherwise it builds the bias a few query rows at a time
+into one reused buffer and runs torch's fused attention per chunk. Training, tracing and compilation take
 the whole-bias path, which autograd and the exporters understand.
 """
 
@@ -24,9 +24,6 @@ from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, native_kernel
 # buffer costs (measured on a 2-core CPU, SlimSAM-77 and SAM-B global blocks).
 WINDOW_CHUNK_BYTES = 8 * 2**20
 ROW_CHUNK_BYTES = 64 * 2**20
-# Token counts from which attention counts as global for the choice of kernel: SAM's windows
-# hold 14x14 = 196 tokens, its global blocks 64x64 at 1024 pixels.
-GLOBAL_TOKENS = 1024
 
 
 def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -94,7 +91,7 @@ def rel_pos_attention(
     if not chunked_cpu_inference(q):
         bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    kernel = native_kernel() if _native_kernel_pays(q) else None
+    kernel = native_kernel() if q.dtype == KERNEL_DTYPE else None
     if kernel is not None:
         table_h = relative_position_table(size[0], size[0], rel_pos_h.to(q.dtype))
         table_w = relative_position_table(size[1], size[1], rel_pos_w.to(q.dtype))
@@ -123,17 +120,6 @@ def rel_pos_attention(
                 q[first:last, :, start:stop], k[first:last], v[first:last], attn_mask=mask, scale=scale
             )[..., :value_width]
     return out
-
-
-def _native_kernel_pays(q: torch.Tensor) -> bool:
-    """Whether the native kernel beats fused attention over a prebuilt bias here. Measured on
-    a 2-core AVX2 CPU, the two alternated in one process: faster on every global block
-    (SlimSAM-77 2.1x, SlimSAM-50 1.4x, SAM-B 1.1x); on windows (196 tokens) within a few
-    per cent of torch for every head width, with the edge to the kernel only at SlimSAM-77's
-    14 channels."""
-    if q.dtype != KERNEL_DTYPE:
-        return False
-    return q.shape[-2] >= GLOBAL_TOKENS or q.shape[-1] <= 16
 
 
 def _pad_head_width(x: torch.Tensor) -> torch.Tensor:

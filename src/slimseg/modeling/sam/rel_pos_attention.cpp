@@ -12,14 +12,14 @@
 // Layouts, in floats; an "item" is one (batch, head) pair, item = batch * heads + head:
 //   q:      element (item, n, c) at (item / heads) * q_batch + (item % heads) * q_head
 //           + n * q_row + c
-//   out:    the same with out_batch, out_head and out_row
-//   k_pack: (items, keys_padded / 16, dim, 16): blocks of 16 keys, channel-major inside a block
-//   v_t:    (items, vdim, v_stride): values transposed, keys along the row
+//   k, v, out: the same with their own batch, head and row strides
 //   table_h: (height, dim, height8), element (query row, channel, key row): the
 //            relative-position embedding of that offset (gathered as slimseg.modeling.sam.rel_pos
 //            does), key rows zero-padded to height8 = height rounded up to 8, and
 //   table_w: (width, dim, width8) the same for columns; rel_h[i, r] = q_i . table_h[row(i), :, r]
-// keys_padded is n rounded up to 16; the padded keys of k_pack and v_t must be zero.
+// Each thread repacks the keys and values of the item it works on into its own scratch
+// (pack_item): packed by the thread that reads them, they are in its own caches, where keys
+// packed beforehand by torch's threads had first to be fetched from the other core's.
 
 #include <immintrin.h>
 #include <math.h>
@@ -68,11 +68,30 @@ inline float horizontal_max(__m256 a) {
 #define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
 
 struct Problem {
-    const float* q; const float* k_pack; const float* v_t; const float* table_h; const float* table_w; float* out;
-    int64_t heads, height, width, dim, vdim, keys_padded, v_stride;
-    int64_t q_batch, q_head, q_row, out_batch, out_head, out_row;
+    const float* q; const float* k; const float* v; const float* table_h; const float* table_w; float* out;
+    int64_t heads, height, width, dim, vdim;
+    int64_t q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row;
     float scale;
+    int64_t keys_padded;  // height * width rounded up to 16
+    int64_t v_stride;     // keys_padded + 16: value rows 16 KB apart would share cache sets
 };
+
+// One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
+// block, and its values transposed as (vdim, v_stride), keys along the row; padding zero.
+void pack_item(const Problem& p, int64_t item, float* k_pack, float* v_t) {
+    const int64_t n = p.height * p.width;
+    const int64_t batch = item / p.heads, head = item % p.heads;
+    const float* k = p.k + batch * p.k_batch + head * p.k_head;
+    const float* v = p.v + batch * p.v_batch + head * p.v_head;
+    for (int64_t j = 0; j < p.keys_padded; j++) {
+        float* slot = k_pack + j / 16 * p.dim * 16 + j % 16;
+        for (int64_t c = 0; c < p.dim; c++) slot[c * 16] = j < n ? k[j * p.k_row + c] : 0.0f;
+    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.v_stride + j] = v[j * p.v_row + e];
+    for (int64_t e = 0; e < p.vdim; e++)
+        for (int64_t j = n; j < p.v_stride; j++) v_t[e * p.v_stride + j] = 0.0f;
+}
 
 // Logits of kRows query rows against keys [first, last) into logits[r * stride + j];
 // returns each row's maximum over those keys in max_out.
@@ -81,6 +100,8 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
                   bool bias_from_factors, float* max_out) {
     __m256 m[kRows];
     for (int r = 0; r < kRows; r++) m[r] = _mm256_set1_ps(-3e38f);
+    // the key grid position of key j, kept as a counter: a division per 16 keys is not free
+    int64_t key_row = first / p.width, key_col = first % p.width;
     for (int64_t j = first; j < last; j += 16) {
         __m256 lo[kRows], hi[kRows];
         for (int r = 0; r < kRows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -94,6 +115,8 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
                 lo[r] = _mm256_fmadd_ps(w, k0, lo[r]);
                 hi[r] = _mm256_fmadd_ps(w, k1, hi[r]);
             }
+            // else GCC keeps one of the twelve accumulators in memory, a store-to-load chain
+            for (int r = 0; r < kRows; r++) { KEEP_IN_REGISTER(lo[r]); KEEP_IN_REGISTER(hi[r]); }
         }
         // scale, then bias, as torch's attention rounds them: logits far from zero keep
         // their precision better than with the scale folded into q
@@ -101,9 +124,9 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
         for (int r = 0; r < kRows; r++) {
             __m256 bias_lo, bias_hi;
             if (bias_from_factors) {  // 16 keys share one row of the key grid
-                const __m256 h = _mm256_set1_ps(rel_h[r][j / p.width]);
-                bias_lo = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + j % p.width));
-                bias_hi = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + j % p.width + 8));
+                const __m256 h = _mm256_set1_ps(rel_h[r][key_row]);
+                bias_lo = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + key_col));
+                bias_hi = _mm256_add_ps(h, _mm256_loadu_ps(rel_w[r] + key_col + 8));
             } else {
                 bias_lo = _mm256_loadu_ps(logits + r * stride + j);
                 bias_hi = _mm256_loadu_ps(logits + r * stride + j + 8);
@@ -114,6 +137,8 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
             _mm256_storeu_ps(logits + r * stride + j + 8, hi[r]);
             m[r] = _mm256_max_ps(m[r], _mm256_max_ps(lo[r], hi[r]));
         }
+        key_col += 16;
+        if (key_col >= p.width) { key_col = 0; key_row++; }
     }
     for (int r = 0; r < kRows; r++) max_out[r] = horizontal_max(m[r]);
 }
@@ -144,27 +169,37 @@ void accumulate_values(const Problem& p, const float* v_t, const float* weights,
 
 inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 
+// out[k] = sum over c of q[c] * table[c * keys8 + k] for 8 * V keys; V is a compile-time
+// constant so that the accumulators stay in registers.
+template <int V>
+inline void relative_terms_block(const float* q, const float* table, int64_t dim, int64_t keys8, float* out) {
+    __m256 a[V];
+    for (int v = 0; v < V; v++) a[v] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c++) {
+        const __m256 w = _mm256_broadcast_ss(q + c);
+        for (int v = 0; v < V; v++) a[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(table + c * keys8 + 8 * v), a[v]);
+    }
+    for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, a[v]);
+}
+
 // out[k] = sum over c of q[c] * table[c * keys8 + k] for k < keys8 (a multiple of 8, the
 // table's padded row): one query's relative-position terms, 32 keys at a time.
 inline void relative_terms(const float* q, const float* table, int64_t dim, int64_t keys8, float* out) {
     for (int64_t first = 0; first < keys8; first += 32) {
-        const int vectors = keys8 - first < 32 ? (int)((keys8 - first) / 8) : 4;
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t c = 0; c < dim; c++) {
-            const __m256 w = _mm256_set1_ps(q[c]);
-            const float* t = table + c * keys8 + first;
-            for (int v = 0; v < vectors; v++) a[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(t + 8 * v), a[v]);
+        switch (keys8 - first < 32 ? (keys8 - first) / 8 : 4) {
+            case 1: relative_terms_block<1>(q, table + first, dim, keys8, out + first); break;
+            case 2: relative_terms_block<2>(q, table + first, dim, keys8, out + first); break;
+            case 3: relative_terms_block<3>(q, table + first, dim, keys8, out + first); break;
+            default: relative_terms_block<4>(q, table + first, dim, keys8, out + first); break;
         }
-        for (int v = 0; v < vectors; v++) _mm256_storeu_ps(out + first + 8 * v, a[v]);
     }
 }
 
-void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows, float* logits, int64_t stride,
-                 float* q_rows, float* rel_rows, __m256* acc, int64_t vdim_pad) {
+void attend_rows(const Problem& p, int64_t item, const float* k_pack, const float* v_t, int64_t first_row,
+                 int64_t rows, float* logits, int64_t stride, float* q_rows, float* rel_rows, __m256* acc,
+                 int64_t vdim_pad) {
     const int64_t n = p.height * p.width;
     const int64_t batch = item / p.heads, head = item % p.heads;
-    const float* k_pack = p.k_pack + item * p.dim * p.keys_padded;
-    const float* v_t = p.v_t + item * p.vdim * p.v_stride;
     const bool bias_from_factors = p.width % 16 == 0;
     const float* rel_h[kRows];
     const float* rel_w[kRows];
@@ -228,17 +263,20 @@ void attend_rows(const Problem& p, int64_t item, int64_t first_row, int64_t rows
 
 }  // namespace
 
-extern "C" int slimseg_kernel_version(void) { return 3; }
+extern "C" int slimseg_kernel_version(void) { return 4; }
 
 // Items [item_begin, item_end), query rows [row_begin, row_end) of each. Returns 0, or 1
 // when scratch memory could not be allocated (nothing written then).
 extern "C" int slimseg_rel_pos_attention(
-    const float* q, const float* k_pack, const float* v_t, const float* table_h, const float* table_w, float* out,
-    int64_t heads, int64_t height, int64_t width, int64_t dim, int64_t vdim, int64_t keys_padded, int64_t v_stride,
-    int64_t q_batch, int64_t q_head, int64_t q_row, int64_t out_batch, int64_t out_head, int64_t out_row,
+    const float* q, const float* k, const float* v, const float* table_h, const float* table_w, float* out,
+    int64_t heads, int64_t height, int64_t width, int64_t dim, int64_t vdim,
+    int64_t q_batch, int64_t q_head, int64_t q_row, int64_t k_batch, int64_t k_head, int64_t k_row,
+    int64_t v_batch, int64_t v_head, int64_t v_row, int64_t out_batch, int64_t out_head, int64_t out_row,
     float scale, int64_t item_begin, int64_t item_end, int64_t row_begin, int64_t row_end) {
-    const Problem p{q, k_pack, v_t, table_h, table_w, out, heads, height, width, dim, vdim, keys_padded, v_stride,
-                    q_batch, q_head, q_row, out_batch, out_head, out_row, scale};
+    const int64_t keys_padded = (height * width + 15) / 16 * 16;
+    const Problem p{q, k, v, table_h, table_w, out, heads, height, width, dim, vdim,
+                    q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row,
+                    scale, keys_padded, keys_padded + 16};
     // +16 floats per row: rows 16 KB apart would share first-level cache sets
     const int64_t stride = keys_padded + 16;
     const int64_t vdim_pad = vdim + (vdim & 1);
@@ -247,13 +285,19 @@ extern "C" int slimseg_rel_pos_attention(
     float* rel_rows = static_cast<float*>(
         aligned_alloc(64, sizeof(float) * ((kRows * (round_up8(height) + round_up8(width)) + 15) / 16 * 16)));
     __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kRows * vdim_pad));
-    int status = logits && q_rows && rel_rows && acc ? 0 : 1;
+    float* k_pack = static_cast<float*>(aligned_alloc(64, sizeof(float) * keys_padded * dim));
+    float* v_t = static_cast<float*>(aligned_alloc(64, sizeof(float) * vdim * p.v_stride));
+    int status = logits && q_rows && rel_rows && acc && k_pack && v_t ? 0 : 1;
     if (status == 0)
-        for (int64_t item = item_begin; item < item_end; item++)
+        for (int64_t item = item_begin; item < item_end; item++) {
+            pack_item(p, item, k_pack, v_t);
             for (int64_t row = row_begin; row < row_end; row += kRows) {
                 const int64_t rows = row_end - row < kRows ? row_end - row : kRows;
-                attend_rows(p, item, row, rows, logits, stride, q_rows, rel_rows, acc, vdim_pad);
+                attend_rows(p, item, k_pack, v_t, row, rows, logits, stride, q_rows, rel_rows, acc, vdim_pad);
             }
+        }
+    free(v_t);
+    free(k_pack);
     free(acc);
     free(rel_rows);
     free(q_rows);
