@@ -1,8 +1,8 @@
 """The native CPU kernel for relative-position attention (rel_pos_attention.cpp), built on
 first use with the system C++ compiler and called through ctypes.
 
-On a 2-core AVX2 machine it runs global attention blocks 1.35x (SAM-B) to 2.1x (SlimSAM-77)
-faster than torch's fused attention over a prebuilt bias, and 14x14 windows 1.1x to 2.4x
+On a 2-core AVX2 machine it runs global attention blocks 1.45x (SAM-B) to 2.4x (SlimSAM-77)
+faster than torch's fused attention over a prebuilt bias, and 14x14 windows 1.1x to 2x
 (docs/benchmarks.md). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
 else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
 :func:`native_kernel` returns None and the callers keep torch's attention. Like the other
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KERNEL_DTYPE = torch.float32
