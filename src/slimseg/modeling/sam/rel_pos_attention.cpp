@@ -246,9 +246,7 @@ void start_group(const Problem& p, int64_t item, RowGroup& g, float* rel_rows, i
 // Keys [first, last) for one group: logits, online softmax, values.
 void attend_block(const Problem& p, const float* k_pack, const float* v_t, RowGroup& g, int64_t stride,
                   int64_t vdim_pad, bool bias_from_factors, int64_t first, int64_t last) {
-    // with the bias from its factors the logits live only for this block: one block's worth of
-    // scratch serves every block, and stays in the first-level cache
-    float* logits = bias_from_factors ? g.logits - first : g.logits;
+    float* logits = g.logits;
     float block_max[kRows];
     logits_block(p, k_pack, g.q_rows, g.rel_h, g.rel_w, logits, stride, first, last, bias_from_factors, block_max);
     for (int r = 0; r < kRows; r++) {
