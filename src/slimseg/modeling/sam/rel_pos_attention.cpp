@@ -78,11 +78,13 @@ struct Problem {
     int64_t q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row;
     float scale;
     int64_t keys_padded;  // height * width rounded up to 16
-    int64_t v_stride;     // keys_padded + 16: value rows 16 KB apart would share cache sets
+    // keys_padded + 16: the spacing of value rows and of logit rows, which 16 KB apart would
+    // share first-level cache sets
+    int64_t row_stride;
 };
 
 // One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
-// block, and its values transposed as (vdim, v_stride), keys along the row; padding zero.
+// block, and its values transposed as (vdim, row_stride), keys along the row; padding zero.
 void pack_item(const Problem& p, int64_t item, float* k_pack, float* v_t) {
     const int64_t n = p.height * p.width;
     const int64_t batch = item / p.heads, head = item % p.heads;
@@ -93,9 +95,9 @@ void pack_item(const Problem& p, int64_t item, float* k_pack, float* v_t) {
         for (int64_t c = 0; c < p.dim; c++) slot[c * 16] = j < n ? k[j * p.k_row + c] : 0.0f;
     }
     for (int64_t j = 0; j < n; j++)
-        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.v_stride + j] = v[j * p.v_row + e];
+        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.row_stride + j] = v[j * p.v_row + e];
     for (int64_t e = 0; e < p.vdim; e++)
-        for (int64_t j = n; j < p.v_stride; j++) v_t[e * p.v_stride + j] = 0.0f;
+        for (int64_t j = n; j < p.row_stride; j++) v_t[e * p.row_stride + j] = 0.0f;
 }
 
 // Logits of kRows query rows against keys [first, last) into logits[r * stride + j];
@@ -153,8 +155,8 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
 void accumulate_values(const Problem& p, const float* v_t, const float* weights, int64_t stride,
                        int64_t first, int64_t last, __m256* acc, int64_t vdim_pad) {
     for (int64_t e = 0; e < p.vdim; e += 2) {
-        const float* v0 = v_t + e * p.v_stride;
-        const float* v1 = e + 1 < p.vdim ? v0 + p.v_stride : v0;
+        const float* v0 = v_t + e * p.row_stride;
+        const float* v1 = e + 1 < p.vdim ? v0 + p.row_stride : v0;
         __m256 a0[kRows], a1[kRows];
         for (int r = 0; r < kRows; r++) { a0[r] = acc[r * vdim_pad + e]; a1[r] = acc[r * vdim_pad + e + 1]; }
         for (int64_t j = first; j < last; j += 8) {
@@ -205,6 +207,7 @@ inline void relative_terms(const float* q, const float* table, int64_t dim, int6
 struct RowGroup {
     int64_t first_row, rows;
     float* q_rows;
+    float* rel_rows;
     float* logits;
     __m256* acc;
     const float* rel_h[kRows];
@@ -212,7 +215,7 @@ struct RowGroup {
     float running_max[kRows], running_sum[kRows];
 };
 
-void start_group(const Problem& p, int64_t item, RowGroup& g, float* rel_rows, int64_t stride, int64_t vdim_pad,
+void start_group(const Problem& p, int64_t item, RowGroup& g, int64_t stride, int64_t vdim_pad,
                  bool bias_from_factors) {
     const int64_t n = p.height * p.width;
     const int64_t batch = item / p.heads, head = item % p.heads;
@@ -221,7 +224,7 @@ void start_group(const Problem& p, int64_t item, RowGroup& g, float* rel_rows, i
         const float* q = p.q + batch * p.q_batch + head * p.q_head + row * p.q_row;
         for (int64_t c = 0; c < p.dim; c++) g.q_rows[r * p.dim + c] = q[c];
         const int64_t height8 = round_up8(p.height), width8 = round_up8(p.width);
-        float* terms = rel_rows + r * (height8 + width8);
+        float* terms = g.rel_rows + r * (height8 + width8);
         relative_terms(q, p.table_h + row / p.width * p.dim * height8, p.dim, height8, terms);
         relative_terms(q, p.table_w + row % p.width * p.dim * width8, p.dim, width8, terms + height8);
         g.rel_h[r] = terms;
@@ -285,14 +288,13 @@ void finish_group(const Problem& p, int64_t item, const RowGroup& g, int64_t vdi
 // Up to kGroups groups of query rows from first_row on: each block of keys and values is
 // used by every group while it is in the cache, instead of being fetched again per group.
 void attend_rows(const Problem& p, int64_t item, const float* k_pack, const float* v_t, int64_t first_row,
-                 int64_t row_end, RowGroup* groups, float* rel_rows, int64_t stride, int64_t vdim_pad) {
+                 int64_t row_end, RowGroup* groups, int64_t stride, int64_t vdim_pad) {
     const bool bias_from_factors = p.width % 16 == 0;
-    const int64_t rel_floats = kRows * (round_up8(p.height) + round_up8(p.width));
     int count = 0;
     for (int64_t row = first_row; row < row_end && count < kGroups; row += kRows, count++) {
         groups[count].first_row = row;
         groups[count].rows = row_end - row < kRows ? row_end - row : kRows;
-        start_group(p, item, groups[count], rel_rows + count * rel_floats, stride, vdim_pad, bias_from_factors);
+        start_group(p, item, groups[count], stride, vdim_pad, bias_from_factors);
     }
     for (int64_t first = 0; first < p.keys_padded; first += kKeys) {
         const int64_t last = first + kKeys < p.keys_padded ? first + kKeys : p.keys_padded;
@@ -318,8 +320,7 @@ extern "C" int slimseg_rel_pos_attention(
     const Problem p{q, k, v, table_h, table_w, out, heads, height, width, dim, vdim,
                     q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row,
                     scale, keys_padded, keys_padded + 16};
-    // +16 floats per row: rows 16 KB apart would share first-level cache sets
-    const int64_t stride = keys_padded + 16;
+    const int64_t stride = p.row_stride;
     const int64_t vdim_pad = vdim + (vdim & 1);
     const int64_t rel_floats = kRows * (round_up8(height) + round_up8(width));
     RowGroup groups[kGroups];
@@ -328,18 +329,19 @@ extern "C" int slimseg_rel_pos_attention(
     float* rel_rows = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((kGroups * rel_floats + 15) / 16 * 16)));
     __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kGroups * kRows * vdim_pad));
     float* k_pack = static_cast<float*>(aligned_alloc(64, sizeof(float) * keys_padded * dim));
-    float* v_t = static_cast<float*>(aligned_alloc(64, sizeof(float) * vdim * p.v_stride));
+    float* v_t = static_cast<float*>(aligned_alloc(64, sizeof(float) * vdim * p.row_stride));
     int status = logits && q_rows && rel_rows && acc && k_pack && v_t ? 0 : 1;
     for (int i = 0; i < kGroups; i++) {
         groups[i].logits = logits + i * kRows * stride;
         groups[i].q_rows = q_rows + i * kRows * dim;
+        groups[i].rel_rows = rel_rows + i * rel_floats;
         groups[i].acc = acc + i * kRows * vdim_pad;
     }
     if (status == 0)
         for (int64_t item = item_begin; item < item_end; item++) {
             pack_item(p, item, k_pack, v_t);
             for (int64_t row = row_begin; row < row_end; row += kGroups * kRows)
-                attend_rows(p, item, k_pack, v_t, row, row_end, groups, rel_rows, stride, vdim_pad);
+                attend_rows(p, item, k_pack, v_t, row, row_end, groups, stride, vdim_pad);
         }
     free(v_t);
     free(k_pack);
