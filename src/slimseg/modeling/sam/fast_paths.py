@@ -22,20 +22,27 @@ def fast_paths_enabled() -> bool:
     return _state["enabled"]
 
 
-def chunked_cpu_inference(x: torch.Tensor) -> bool:
-    """Whether code that works in chunks through reused buffers (``out=``) may run on ``x``:
-    fast paths on, ``x`` on the CPU, no gradient to record, not traced or compiled. On CUDA
-    the caching allocator already reuses memory and larger kernels pay more than chunks."""
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Whether the CPU inference paths may run on ``x``: fast paths on, ``x`` on the CPU, no
+    gradient to record, not traced for export. Compiled graphs qualify, but reach those paths
+    only through registered custom ops (see rel_pos.py)."""
     return (
         fast_paths_enabled()
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.jit.is_tracing()
-        and not _is_compiling()
     )
 
 
-def _is_compiling() -> bool:
+def chunked_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether code that works in chunks through reused buffers (``out=``) may run on ``x``:
+    :func:`cpu_inference`, and not being compiled, where such loops would be traced. On CUDA
+    the caching allocator already reuses memory and larger kernels pay more than chunks."""
+    return cpu_inference(x) and not is_compiling()
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the calling code."""
     if hasattr(torch.compiler, "is_compiling"):
         return torch.compiler.is_compiling()
     # torch 2.1 and 2.2: torch.compiler.is_compiling arrived in 2.3

@@ -6,16 +6,20 @@ Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global blo
 allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
 kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
 is built and the input is float32; otherwise it builds the bias a few query rows at a time
-into one reused buffer and runs torch's fused attention per chunk. Training, tracing and compilation take
-the whole-bias path, which autograd and the exporters understand.
+into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
+same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler
+(torch 2.4 and later; before, they take the whole bias). Training, tracing for export and
+CUDA take the whole-bias path, which autograd and the exporters understand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
+from slimseg.modeling.sam.fast_paths import cpu_inference, is_compiling
 from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, native_kernel
 
 # Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
@@ -85,16 +89,29 @@ def rel_pos_attention(
 ) -> torch.Tensor:
     """softmax(scale·q·kᵀ + bias)·v for (B, heads, H*W, C) q, k and (B, heads, H*W, Cv) v.
 
-    Returns (B, heads, H*W, Cv). Both paths compute the same bias and the same fused
-    attention; they differ only in how much of the bias exists at one time.
+    Returns (B, heads, H*W, Cv). Every path computes the same bias and the same attention;
+    they differ only in how much of the bias exists at one time.
     """
-    if not chunked_cpu_inference(q):
-        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    if cpu_inference(q):
+        if not is_compiling():
+            return cpu_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, scale)
+        if _CPU_OP is not None:
+            return _CPU_OP(q, k, v, rel_pos_h, rel_pos_w, size[0], size[1], scale)
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def cpu_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                          rel_pos_w: torch.Tensor, size: tuple[int, int], scale: float) -> torch.Tensor:
+    """:func:`rel_pos_attention` for CPU inference, without the whole bias: the native kernel,
+    else chunks of the bias. Returns a view of (B, H*W, heads, Cv) storage, so that the
+    caller's transpose(1, 2).reshape(B, H*W, -1) is a view rather than a copy."""
     kernel = native_kernel() if q.dtype == KERNEL_DTYPE else None
     if kernel is not None:
         table_h = relative_position_table(size[0], size[0], rel_pos_h.to(q.dtype))
         table_w = relative_position_table(size[1], size[1], rel_pos_w.to(q.dtype))
+        # the kernel reads channels with unit stride; a compiled graph may hand it others
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return kernel(q, k, v, table_h, table_w, scale)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     batch, heads, queries, _ = q.shape
@@ -106,9 +123,7 @@ def rel_pos_attention(
     items = max(1, min(batch, WINDOW_CHUNK_BYTES // item_bytes))
     rows = queries if item_bytes <= WINDOW_CHUNK_BYTES else max(1, min(queries, ROW_CHUNK_BYTES * queries // item_bytes))
     bias = q.new_empty(items, heads, rows, height, width)
-    # (B, Q, heads, Cv) storage, as fused attention returns it, so the caller's
-    # transpose(1, 2).reshape(B, Q, -1) is a view rather than a copy.
-    out = q.new_empty(batch, queries, heads, value_width).transpose(1, 2)
+    out = _cpu_output(q, value_width)
     for first in range(0, batch, items):
         last = min(first + items, batch)
         for start in range(0, queries, rows):
@@ -122,9 +137,39 @@ def rel_pos_attention(
     return out
 
 
+def _cpu_output(q: torch.Tensor, value_width: int) -> torch.Tensor:
+    """An empty (B, heads, H*W, Cv) result in (B, H*W, heads, Cv) storage, as fused attention
+    and the native kernel return it."""
+    batch, heads, queries, _ = q.shape
+    return q.new_empty(batch, queries, heads, value_width).transpose(1, 2)
+
+
+def _register_cpu_op() -> Callable[..., torch.Tensor] | None:
+    """``slimseg::rel_pos_attention``: :func:`cpu_rel_pos_attention` as one operator that
+    torch.compile keeps in its graphs as it is, instead of tracing the kernel call (which it
+    cannot) or the chunk loop. None where torch lacks ``torch.library.custom_op`` (< 2.4)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("slimseg::rel_pos_attention", mutates_args=())
+    def operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                 rel_pos_w: torch.Tensor, height: int, width: int, scale: float) -> torch.Tensor:
+        return cpu_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (height, width), scale)
+
+    @operator.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+          height: int, width: int, scale: float) -> torch.Tensor:
+        return _cpu_output(q, v.shape[-1])
+
+    return operator
+
+
 def _pad_head_width(x: torch.Tensor) -> torch.Tensor:
     """Zero-pad the channels per head to a multiple of 8. Zeros change neither q·k nor the
     kept value channels, and the CPU attention kernel's products run on whole vector
     registers: SlimSAM-77's 14 channels padded to 16 made its global blocks 16 % faster."""
     missing = -x.shape[-1] % 8
     return F.pad(x, (0, missing)) if missing else x
+
+
+_CPU_OP = _register_cpu_op()
