@@ -16,7 +16,7 @@ from test_train import tiny_lite_sam_config
 from typer.testing import CliRunner
 
 import slimseg
-from slimseg.benchmark import BenchSettings, PeakMemory, compile_model, floor_seconds, matmul_rate, model_work, run_bench, time_runs
+from slimseg.benchmark import BenchSettings, PeakMemory, compile_model, floor_seconds, matmul_rate, model_work, run_bench, time_alternating, time_runs
 from slimseg.benchmark.memory import PROCESS_RSS, STAGE_RSS
 from slimseg.cli.app import app
 from slimseg.errors import SlimsegError
@@ -211,6 +211,16 @@ def test_time_runs_warms_up_then_times_each_run():
     assert len(calls) == 5 and len(timing.seconds) == 3 and timing.median >= 0
     with pytest.raises(SlimsegError, match="runs must be >= 1"):
         time_runs(lambda: None, torch.device("cpu"), runs=0)
+
+
+def test_time_alternating_takes_the_works_in_turn():
+    calls = []
+    first, second = time_alternating([lambda: calls.append("a"), lambda: calls.append("b")],
+                                     torch.device("cpu"), runs=2, warmup=1)
+    assert calls == ["a", "b"] * 3
+    assert len(first.seconds) == len(second.seconds) == 2
+    with pytest.raises(SlimsegError, match="warm-up runs must be >= 0"):
+        time_alternating([lambda: None], torch.device("cpu"), runs=1, warmup=-1)
 
 
 def test_peak_memory_sees_a_stage_allocation():

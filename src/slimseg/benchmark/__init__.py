@@ -5,7 +5,7 @@ from slimseg.benchmark.machine import describe_machine, machine_line
 from slimseg.benchmark.memory import PeakMemory
 from slimseg.benchmark.stages import StageResult
 from slimseg.benchmark.suite import BenchReport, BenchSettings, run_bench
-from slimseg.benchmark.timing import Timing, synchronize, time_runs
+from slimseg.benchmark.timing import Timing, synchronize, time_alternating, time_runs
 from slimseg.inference.compilation import compile_model
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "model_work",
     "run_bench",
     "synchronize",
+    "time_alternating",
     "time_runs",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +34,24 @@ def check_runs(runs: int, warmup: int) -> None:
 def time_runs(work: Callable[[], object], device: torch.device, runs: int, warmup: int = 1) -> Timing:
     """Call ``work`` ``warmup`` times untimed (allocator, caches, lazy compilation), then
     ``runs`` times, each timed alone with the device synchronised before and after."""
+    return time_alternating([work], device, runs, warmup)[0]
+
+
+def time_alternating(works: Sequence[Callable[[], object]], device: torch.device, runs: int,
+                     warmup: int = 1) -> list[Timing]:
+    """:func:`time_runs` for several pieces of work taken in turn, run by run: a machine whose
+    speed drifts while it measures (shared, throttled) then slows each of them alike, and
+    their ratio is fairer than one of medians taken minutes apart. One Timing per work."""
     check_runs(runs, warmup)
     for _ in range(warmup):
-        work()
-    seconds = []
+        for work in works:
+            work()
+    seconds: list[list[float]] = [[] for _ in works]
     for _ in range(runs):
-        synchronize(device)
-        started = time.perf_counter()
-        work()
-        synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return Timing(tuple(seconds))
+        for work, taken in zip(works, seconds):
+            synchronize(device)
+            started = time.perf_counter()
+            work()
+            synchronize(device)
+            taken.append(time.perf_counter() - started)
+    return [Timing(tuple(taken)) for taken in seconds]
