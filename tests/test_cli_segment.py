@@ -136,6 +136,21 @@ def test_paths_from_stdin_and_prompts_file(model_path, images, tmp_path):
     assert second["prompts"] == [{"points": [[10.0, 10.0, 1]], "box": [0.0, 0.0, 30.0, 30.0]}]
 
 
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_an_image_without_prompts_fails_alone_before_it_is_read(model_path, images, tmp_path, batch_size):
+    """Its error is the missing prompts, not its unreadable bytes, and the images around it
+    are segmented as usual, batched or not."""
+    (images / "b.png").write_bytes(b"not a png at all")
+    Image.fromarray(photo(50, 60, seed=3)).save(images / "c.jpg")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"a.jpg": [{"box": [1, 2, 50, 60]}], "c.jpg": [{"box": [0, 0, 30, 30]}]}))
+    result = invoke("segment", images, "-m", model_path, "--prompts", prompts, "--batch-size", batch_size)
+    assert result.exit_code == 1
+    assert [Path(record["image"]).name for record in records(result.stdout)] == ["a.jpg", "c.jpg"]
+    assert "b.png: no prompts for this image in the prompts file" in result.stderr
+    assert "1 of 3 image(s) failed" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_odd_images_are_handled(model_path, tmp_path):
     grey16 = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).astype(np.uint16)
     Image.fromarray(grey16).save(tmp_path / "deep.png")

@@ -46,13 +46,18 @@ class PromptSource:
         if not self.common and not self.per_image:
             raise UsageError("no prompts: give --box, --point or --prompts FILE")
 
+    def has_prompts(self, image: ImageInput) -> bool:
+        return bool(self.common or self._own(image))
+
     def for_image(self, image: ImageInput) -> list[Prompt]:
-        names = (str(image.path), image.path.as_posix(), str(image.path.resolve()), image.key, image.path.name)
-        own = next((self.per_image[name] for name in names if name in self.per_image), [])
-        prompts = self.common + own
+        prompts = self.common + self._own(image)
         if not prompts:
             raise SlimsegError(f"{image.path}: no prompts for this image in the prompts file")
         return prompts
+
+    def _own(self, image: ImageInput) -> list[Prompt]:
+        names = (str(image.path), image.path.as_posix(), str(image.path.resolve()), image.key, image.path.name)
+        return next((self.per_image[name] for name in names if name in self.per_image), [])
 
 
 def _mask_entries(results: list[PromptResult]) -> list[tuple[int, int, np.ndarray, float]]:
@@ -128,12 +133,15 @@ def segment(
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
         predictor = make_predictor(backend, model, device, offline, dtype)
-        embedded = EmbeddedImages(inputs, batch_size, predictor.embed_images)
+        # an image without prompts fails before it is read, and takes no place in a batch
+        embedded = EmbeddedImages([image for image in inputs if source.has_prompts(image)], batch_size,
+                                  predictor.embed_images)
 
         def process(image: ImageInput) -> dict:
+            image_prompts = source.for_image(image)
             rgb, embedding = embedded.take(image)
             height, width = rgb.shape[:2]
-            image_prompts = [fit_to_image(p, height, width) for p in source.for_image(image)]
+            image_prompts = [fit_to_image(p, height, width) for p in image_prompts]
             predictor.set_embedding(embedding)
             return _write_outputs(image, rgb, predict_prompts(predictor, image_prompts, multimask), fmt, out, overlay)
 
