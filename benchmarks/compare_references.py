@@ -112,6 +112,7 @@ def sam_b_encoders(bench: Bench, folder: Path, image: np.ndarray
     ours = slimseg.load_model(path, device=bench.device)
     theirs_predictor, ours_predictor = SamPredictor(reference), slimseg.Predictor(ours)
     tensor = encoder_input(ours_predictor, image)
+
     def ours_encoder() -> None:
         ours_predictor.set_torch_image(tensor, image.shape[:2])
 
