@@ -28,11 +28,11 @@ def _deterministic() -> None:
     torch.set_num_threads(2)
 
 
-def random_tiny_model(seed: int):
-    """``tiny_config()`` with random weights (norms left at identity), so outputs vary."""
+def random_tiny_model(seed: int, **overrides):
+    """``tiny_config(**overrides)`` with random weights (norms left at identity), so outputs vary."""
     import slimseg
 
-    model = slimseg.build_model(tiny_config())
+    model = slimseg.build_model(tiny_config(**overrides))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -20,6 +20,7 @@ from conftest import random_tiny_model
 
 import slimseg.modeling.sam.native_attention as native_attention
 from slimseg.modeling.sam.fast_paths import plain_compute
+from slimseg.modeling.sam.image_encoder import window_partition, window_unpartition
 from slimseg.modeling.sam.native_attention import (
     build_library,
     load_native_kernel,
@@ -101,6 +102,50 @@ def test_kernel_refuses_inputs_that_disagree(kernel):
         kernel(q.double(), k.double(), v.double(), table_h.double(), table_w.double(), 0.3)
     with pytest.raises(ValueError, match="unit-stride channels"):
         kernel(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, table_h, table_w, 0.3)
+    q, k, v, k_pad, v_pad, tables = _grid_problem(1, 2, (8, 8), 14, 6, seed=1)
+    table_h, table_w = _gathered(tables, 4)
+    with pytest.raises(ValueError, match="padding keys"):
+        kernel.windows(q, k, v, table_h, table_w, 0.3, k_pad[:, :6], v_pad)
+    with pytest.raises(ValueError, match="do not fit 16 tokens"):
+        kernel.windows(q, k, v, table_h, table_w[..., :6], 0.3, k_pad, v_pad)
+    with pytest.raises(ValueError, match="disagree"):
+        kernel.windows(q, k[:, :4], v, table_h, table_w, 0.3, k_pad, v_pad)
+
+
+def _grid_problem(batch, heads, grid, dim, value_dim, seed):
+    """q, k, v as (B, H, W, heads, C) views of one projection of a token grid, the padding
+    key and value per head, and the two relative-position tables."""
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.randn(batch, *grid, heads, 2 * dim + value_dim, generator=generator)
+    q, k, v = projected.split([dim, dim, value_dim], dim=-1)
+    k_pad, v_pad = torch.randn(heads, dim, generator=generator), torch.randn(heads, value_dim, generator=generator)
+    return q, k, v, k_pad, v_pad, [torch.randn(7, dim, generator=generator) * 0.3 for _ in range(2)]
+
+
+@pytest.mark.parametrize("grid, window", [((9, 11), 4), ((8, 8), 4), ((3, 5), 7), ((16, 16), 16)],
+                         ids=["padded-edges", "whole-windows", "one-padded-window", "one-global-window"])
+def test_kernel_windows_match_partitioned_float64_attention(kernel, grid, window):
+    """Windows read off the unpadded grid against SAM's way: pad the grid with the padding
+    token (its key and value; its query is never used), partition, attend per window."""
+    batch, heads, dim, value_dim = 2, 3, 14, 6
+    q, k, v, k_pad, v_pad, tables = _grid_problem(batch, heads, grid, dim, value_dim, seed=sum(grid) + window)
+    tables = [torch.randn(2 * window - 1, dim, generator=torch.Generator().manual_seed(window)) * 0.3] * 2
+    got = kernel.windows(q, k, v, *_gathered(tables, window), dim**-0.5, k_pad, v_pad)
+    assert got.shape == (batch, *grid, heads, value_dim) and got.is_contiguous()
+
+    def windows_of(t, pad):
+        padded_grid = [-(-size // window) * window for size in grid]
+        full = pad.expand(batch, *padded_grid, *pad.shape).clone()
+        full[:, : grid[0], : grid[1]] = t
+        parts = full.unflatten(1, (-1, window)).unflatten(3, (-1, window)).permute(0, 1, 3, 5, 2, 4, 6)
+        return parts.reshape(-1, heads, window * window, t.shape[-1])  # (B * windows, heads, tokens, C)
+
+    want = _float64_attention(windows_of(q, torch.zeros(heads, dim)), windows_of(k, k_pad), windows_of(v, v_pad),
+                              tables, window, dim**-0.5)
+    rows, cols = (-(-size // window) for size in grid)
+    want = want.reshape(batch, rows, cols, heads, window, window, value_dim).permute(0, 1, 4, 2, 5, 3, 6)
+    want = want.reshape(batch, rows * window, cols * window, heads, value_dim)[:, : grid[0], : grid[1]]
+    assert float((got.double() - want).abs().max()) < 2e-6 * float(want.abs().max())
 
 
 def test_kernel_reads_any_layout_of_heads(kernel):
@@ -151,10 +196,11 @@ def test_work_split_covers_every_row_once(items, rows, threads):
     assert threads == 1 or len(tasks) >= min(threads, items * rows)
 
 
-def test_encoder_with_the_kernel_matches_the_plain_computation(kernel):
-    """A tiny SAM (global and windowed blocks) through the fast paths with the kernel, with
-    torch's attention, and plain."""
-    model = random_tiny_model(seed=4)
+@pytest.mark.parametrize("window", [8, 6], ids=["whole-windows", "padded-windows"])
+def test_encoder_with_the_kernel_matches_the_plain_computation(kernel, window):
+    """A tiny SAM (global and windowed blocks, its 16 x 16 grid in whole or padded windows)
+    through the fast paths with the kernel, with torch's attention, and plain."""
+    model = random_tiny_model(seed=4, window_size=window)
     image = torch.rand(1, 3, model.img_size, model.img_size) * 255
     with torch.inference_mode():
         native = model.image_encoder(model.preprocess(image))
@@ -165,6 +211,29 @@ def test_encoder_with_the_kernel_matches_the_plain_computation(kernel):
     scale = float(plain.abs().max())
     assert float((native - plain).abs().max()) < 1e-4 * scale
     assert float((torch_attention - plain).abs().max()) < 1e-4 * scale
+
+
+def test_windowed_blocks_attend_on_the_grid_where_the_kernel_runs(kernel):
+    """In float32 CPU inference a windowed block reads its windows off the unpadded grid,
+    with the same result as partitioning; elsewhere it partitions as SAM does."""
+    block = random_tiny_model(seed=5, window_size=6).image_encoder.blocks[0]
+    x = torch.randn(2, 16, 16, block.attn.q.in_features)
+    with torch.inference_mode():
+        on_grid = block.attn.within_windows(x, 6)
+        windows, padded = window_partition(x, 6)
+        partitioned = window_unpartition(block.attn(windows), 6, padded, (16, 16))
+        assert block.attn.within_windows(x.double(), 6) is None
+        with native_kernels_disabled():
+            assert block.attn.within_windows(x, 6) is None
+        with plain_compute():
+            assert block.attn.within_windows(x, 6) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # projections in bfloat16
+            assert block.attn.within_windows(x, 6) is None
+        hook = block.attn.q.register_forward_hook(lambda module, inputs, output: None)
+        assert block.attn.within_windows(x, 6) is None  # the hook sees the windows SAM makes
+        hook.remove()
+    assert block.attn.within_windows(x.requires_grad_(), 6) is None  # training keeps SAM's graph
+    torch.testing.assert_close(on_grid, partitioned, rtol=1e-5, atol=1e-6)
 
 
 def _compiled_with_graph_ops(function, *inputs):

@@ -9,7 +9,7 @@ from torch import nn
 from slimseg.modeling.sam.common import LayerNorm2d, MLPBlock
 from slimseg.modeling.sam.config import BlockConfig, ImageEncoderConfig
 from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
-from slimseg.modeling.sam.rel_pos import rel_pos_attention
+from slimseg.modeling.sam.rel_pos import rel_pos_attention, windowed_cpu_rel_pos_attention, windowed_kernel_applies
 
 
 # Hidden-activation bytes per MLP chunk (see Block._mlp_residual).
@@ -76,6 +76,29 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, height, width, -1)
         return self.proj(out)
 
+    def within_windows(self, x: torch.Tensor, window_size: int) -> torch.Tensor | None:
+        """What window_partition, this module and window_unpartition compute for the (B, H, W, C)
+        grid ``x``, without their copies and without projecting or attending for the padding
+        tokens: the native kernel reads each window off the grid. None where that kernel
+        cannot run, or where forward hooks on this module or its projections expect SAM's
+        window layout (distillation's feature hooks): then the caller partitions."""
+        if not (self.use_rel_pos and windowed_kernel_applies(x)) or _hooked(self):
+            return None
+        batch, height, width, _ = x.shape
+        q, k, v = (linear(x).view(batch, height, width, self.num_heads, -1) for linear in (self.q, self.k, self.v))
+        # SAM pads the normalised tokens with zeros: a padding token's key and value are the biases
+        k_pad, v_pad = (
+            linear.bias.view(self.num_heads, -1) if linear.bias is not None else x.new_zeros(self.num_heads, channels)
+            for linear, channels in ((self.k, q.shape[-1]), (self.v, v.shape[-1]))
+        )
+        out = windowed_cpu_rel_pos_attention(q, k, v, k_pad, v_pad, self.rel_pos_h, self.rel_pos_w, window_size,
+                                             self.scale)
+        return self.proj(out.view(batch, height, width, -1))
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """(B, H, W, C) → (B * windows, ws, ws, C), zero-padding H and W up to multiples of ws."""
@@ -126,9 +149,12 @@ class Block(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
-            size = (x.shape[1], x.shape[2])
-            x, padded = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, padded, size)
+            attended = self.attn.within_windows(x, self.window_size)
+            if attended is None:
+                size = (x.shape[1], x.shape[2])
+                windows, padded = window_partition(x, self.window_size)
+                attended = window_unpartition(self.attn(windows), self.window_size, padded, size)
+            x = attended
         else:
             x = self.attn(x)
         x = shortcut + x

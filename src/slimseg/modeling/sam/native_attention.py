@@ -3,7 +3,8 @@ first use with the system C++ compiler and called through ctypes.
 
 On a 2-core AVX2 machine it runs global attention blocks 1.45x (SAM-B) to 2.4x (SlimSAM-77)
 faster than torch's fused attention over a prebuilt bias, and 14x14 windows 1.1x to 2x
-(docs/benchmarks.md). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
+(docs/benchmarks.md); windowed blocks call it on the unpadded token grid
+(:meth:`RelPosAttentionKernel.windows`). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
 else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
 :func:`native_kernel` returns None and the callers keep torch's attention. Like the other
 fast paths it serves only inference (``plain_compute()`` and autograd take torch's path).
@@ -35,19 +36,22 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KERNEL_DTYPE = torch.float32
 
 
 class RelPosAttentionKernel:
-    """One built and loaded kernel library; :meth:`__call__` runs it on torch tensors."""
+    """One built and loaded kernel library: :meth:`__call__` runs global attention and
+    :meth:`windows` windowed attention on torch tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._function = library.slimseg_rel_pos_attention
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 17 + [ctypes.c_float] + [ctypes.c_int64] * 4
+        self._function.argtypes = (
+            [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 4
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key = (0, 0)  # (threads, process id) the pool was made for
 
@@ -66,24 +70,72 @@ class RelPosAttentionKernel:
         Returns:
             (B, heads, H*W, Cv), a view of (B, H*W, heads, Cv) storage.
         """
-        _check_inputs(q, k, v, table_h, table_w)
+        _check_inputs(q, k, v)
         batch, heads, tokens, dim = q.shape
-        value_dim = v.shape[-1]
+        height, width = table_h.shape[0], table_w.shape[0]
+        _check_tables(table_h, table_w, (height, width), dim, tokens)
+        out = q.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
+        # (batch, head, grid row, grid column) strides, the token axis laid out as a grid
+        strides = [(*t.stride()[:2], width * t.stride(2), t.stride(2)) for t in (q, k, v, out)]
+        self._run((q, k, v, out), strides, heads, table_h, table_w, (height, width), (height, width), scale)
+        return out
+
+    def windows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor,
+        scale: float, k_pad: torch.Tensor, v_pad: torch.Tensor,
+    ) -> torch.Tensor:
+        """The attention of :meth:`__call__` within each window of an H x W token grid, the
+        windows as SAM's window partition makes them: h x w (the tables' sizes), from the top
+        left, zero-padding the grid's right and bottom edges up to whole windows.
+
+        Arguments:
+            q, k: (B, H, W, heads, C) float32 with unit-stride channels, the projections of the
+                unpadded grid.
+            v: (B, H, W, heads, Cv) float32, the same.
+            table_h, table_w: (h, h, C) and (w, w, C).
+            k_pad, v_pad: (heads, C) and (heads, Cv): the key and value of a padding token
+                (the projections' biases of its zeros).
+        Returns:
+            (B, H, W, heads, Cv), the result of every grid token; padding tokens' are not computed.
+        """
+        batch, height, width, heads, dim = q.shape
+        as_heads = [t.permute(0, 3, 1, 2, 4).flatten(2, 3) for t in (q, k, v)]
+        _check_inputs(*as_heads)
+        window = (table_h.shape[0], table_w.shape[0])
+        _check_tables(table_h, table_w, window, dim, window[0] * window[1])
+        if k_pad.shape != (heads, dim) or v_pad.shape != (heads, v.shape[-1]):
+            raise ValueError(f"padding keys {tuple(k_pad.shape)} and values {tuple(v_pad.shape)} do not fit "
+                             f"{heads} heads of {dim} and {v.shape[-1]} channels")
+        k_pad, v_pad = (t.to(KERNEL_DTYPE).contiguous() for t in (k_pad, v_pad))
+        out = q.new_empty(batch, height, width, heads, v.shape[-1])
+        strides = [(t.stride(0), t.stride(3), t.stride(1), t.stride(2)) for t in (q, k, v, out)]
+        self._run((q, k, v, out), strides, heads, table_h, table_w, window, (height, width), scale, (k_pad, v_pad))
+        return out
+
+    def _run(
+        self, tensors: tuple[torch.Tensor, ...], strides: list[tuple[int, ...]], heads: int, table_h: torch.Tensor,
+        table_w: torch.Tensor, window: tuple[int, int], grid: tuple[int, int], scale: float,
+        pads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Runs the library over every (batch, window, head) item, split among torch's threads.
+        ``tensors``: q, k, v and out; ``strides``: their (batch, head, grid row, grid column)
+        strides; ``pads``: the padding key and value, needed only where windows overhang the grid."""
+        q, _, v, out = tensors
         # (query position, channel, key position): the kernel's terms run along key positions
         table_h, table_w = (F.pad(t.transpose(1, 2), (0, -t.shape[1] % 8)).contiguous() for t in (table_h, table_w))
-        out = q.new_empty(batch, tokens, heads, value_dim).transpose(1, 2)
-        shape = (heads, table_h.shape[0], table_w.shape[0], dim, value_dim)
-        strides = tuple(s for t in (q, k, v, out) for s in t.stride()[:3])
-        pointers = [t.data_ptr() for t in (q, k, v, table_h, table_w, out)]
+        packed_strides = (ctypes.c_int64 * 16)(*(s for t_strides in strides for s in t_strides))
+        pointers = [t.data_ptr() for t in (*tensors[:3], table_h, table_w, out)]
+        pointers += [t.data_ptr() for t in pads] if pads is not None else [None, None]
+        shape = (heads, *window, q.shape[-1], v.shape[-1], *grid)
 
         def run(task: tuple[int, int, int, int]) -> int:
-            return self._function(*pointers, *shape, *strides, scale, *task)
+            return self._function(*pointers, *shape, packed_strides, scale, *task)
 
-        tasks = _split(batch * heads, tokens, torch.get_num_threads())
+        windows = -(-grid[0] // window[0]) * -(-grid[1] // window[1])
+        tasks = _split(out.shape[0] * windows * heads, window[0] * window[1], torch.get_num_threads())
         statuses = list(self._executor().map(run, tasks)) if len(tasks) > 1 else [run(tasks[0])]
         if any(statuses):
             raise MemoryError("the attention kernel could not allocate its scratch memory")
-        return out
 
     def _executor(self) -> ThreadPoolExecutor:
         # A forked child inherits the pool without its threads, so it makes its own.
@@ -96,21 +148,25 @@ class RelPosAttentionKernel:
         return self._pool
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor,
-                  table_w: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """The kernel reads raw memory: shapes that disagree would read past the tensors."""
-    tensors = (q, k, v, table_h, table_w)
-    if any(t.device.type != "cpu" or t.dtype != KERNEL_DTYPE for t in tensors):
+    if any(t.device.type != "cpu" or t.dtype != KERNEL_DTYPE for t in (q, k, v)):
         raise ValueError("the attention kernel takes float32 CPU tensors")
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k (B, heads, tokens, C) and v (B, heads, tokens, Cv) disagree: "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    rows, columns, dim = table_h.shape[0], table_w.shape[0], q.shape[-1]
-    if table_h.shape != (rows, rows, dim) or table_w.shape != (columns, columns, dim) or rows * columns != q.shape[2]:
-        raise ValueError(f"tables {tuple(table_h.shape)} and {tuple(table_w.shape)} do not fit "
-                         f"{q.shape[2]} tokens of {dim} channels")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError("the attention kernel needs unit-stride channels in q, k and v")
+
+
+def _check_tables(table_h: torch.Tensor, table_w: torch.Tensor, window: tuple[int, int], dim: int,
+                  tokens: int) -> None:
+    rows, columns = window
+    if table_h.dtype != KERNEL_DTYPE or table_w.dtype != KERNEL_DTYPE:
+        raise ValueError("the attention kernel takes float32 CPU tensors")
+    if table_h.shape != (rows, rows, dim) or table_w.shape != (columns, columns, dim) or rows * columns != tokens:
+        raise ValueError(f"tables {tuple(table_h.shape)} and {tuple(table_w.shape)} do not fit "
+                         f"{tokens} tokens of {dim} channels")
 
 
 def _split(items: int, rows: int, threads: int) -> list[tuple[int, int, int, int]]:

@@ -5,7 +5,8 @@ two small (queries, H) and (queries, W) tables whose outer sum is an additive at
 Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global block of SAM-B,
 allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
 kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
-is built and the input is float32; otherwise it builds the bias a few query rows at a time
+is built and the input is float32 (for windowed blocks, straight on the unpadded token
+grid: :func:`windowed_cpu_rel_pos_attention`); otherwise it builds the bias a few query rows at a time
 into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
 same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler
 (torch 2.4 and later; before, they take the whole bias). Training, tracing for export and
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from slimseg.modeling.sam.fast_paths import cpu_inference, is_compiling
+from slimseg.modeling.sam.fast_paths import chunked_cpu_inference, cpu_inference, is_compiling
 from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, native_kernel
 
 # Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
@@ -135,6 +136,43 @@ def cpu_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel
                 q[first:last, :, start:stop], k[first:last], v[first:last], attn_mask=mask, scale=scale
             )[..., :value_width]
     return out
+
+
+def windowed_cpu_rel_pos_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor,
+    rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, window: int, scale: float,
+) -> torch.Tensor:
+    """Relative-position attention within the window x window windows of a token grid, as
+    SAM's window partition (zero padding on the bottom and right) and :func:`rel_pos_attention`
+    per window compute it, by the native kernel straight on the unpadded grid.
+
+    Arguments:
+        q, k: (B, H, W, heads, C) float32 CPU projections of the grid's tokens.
+        v: (B, H, W, heads, Cv), the same.
+        k_pad, v_pad: (heads, C) and (heads, Cv): the projections of a zero padding token.
+    Returns:
+        (B, H, W, heads, Cv). Raises RuntimeError where the native kernel cannot run
+        (:func:`windowed_kernel_applies` says beforehand).
+    """
+    kernel = native_kernel()
+    if kernel is None:
+        raise RuntimeError("windowed attention on the grid needs the native kernel")
+    table_h = relative_position_table(window, window, rel_pos_h.to(q.dtype))
+    table_w = relative_position_table(window, window, rel_pos_w.to(q.dtype))
+    return kernel.windows(q, k, v, table_h, table_w, scale, k_pad, v_pad)
+
+
+def windowed_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`windowed_cpu_rel_pos_attention` can run on the projections of ``x``:
+    eager CPU inference in float32 (not under autocast) with the native kernel built."""
+    return (x.dtype == KERNEL_DTYPE and not _cpu_autocast() and chunked_cpu_inference(x)
+            and native_kernel() is not None)
+
+
+def _cpu_autocast() -> bool:
+    if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 and later
+        return torch.is_autocast_enabled("cpu")
+    return torch.is_autocast_cpu_enabled()
 
 
 def _cpu_output(q: torch.Tensor, value_width: int) -> torch.Tensor:

@@ -10,10 +10,17 @@
 // caches. slimseg compiles this file on first use (slimseg/modeling/sam/native_attention.py)
 // and calls it through ctypes.
 //
-// Layouts, in floats; an "item" is one (batch, head) pair, item = batch * heads + head:
-//   q:      element (item, n, c) at (item / heads) * q_batch + (item % heads) * q_head
-//           + n * q_row + c
-//   k, v, out: the same with their own batch, head and row strides
+// The tokens form a grid_h x grid_w grid per image, attended in height x width windows (one
+// window covering the grid for global attention). Windows that run past the grid's edge
+// hold padding tokens, as SAM's window partition pads with zeros before the q, k and v
+// projections: their keys and values are the projections' biases (k_pad, v_pad: (heads, dim)
+// and (heads, vdim)), and their queries, whose results SAM drops, are not computed.
+// Layouts, in floats; an "item" is one (batch, window, head), item = (batch * windows + window)
+// * heads + head, windows numbered row by row; token n of a window is its row n / width,
+// column n % width:
+//   q:      element (batch, head, grid row y, grid column x, c) at batch * q.batch
+//           + head * q.head + y * q.y + x * q.x + c
+//   k, v, out: the same with their own strides
 //   table_h: (height, dim, height8), element (query row, channel, key row): the
 //            relative-position embedding of that offset (gathered as slimseg.modeling.sam.rel_pos
 //            does), key rows zero-padded to height8 = height rounded up to 8, and
@@ -72,10 +79,17 @@ inline float horizontal_max(__m256 a) {
 // the loops bound by loads; an empty asm pins it to a register.
 #define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
 
+// A (batch, head, grid row, grid column, channel) tensor: its data and strides in floats.
+struct Grid {
+    float* data;
+    int64_t batch, head, y, x;
+};
+
 struct Problem {
-    const float* q; const float* k; const float* v; const float* table_h; const float* table_w; float* out;
+    Grid q, k, v, out;
+    const float* table_h; const float* table_w; const float* k_pad; const float* v_pad;
     int64_t heads, height, width, dim, vdim;
-    int64_t q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row;
+    int64_t grid_h, grid_w, window_rows, window_cols;  // windows per grid column and row
     float scale;
     int64_t keys_padded;  // height * width rounded up to 16
     // keys_padded + 16: the spacing of value rows and of logit rows, which 16 KB apart would
@@ -83,26 +97,53 @@ struct Problem {
     int64_t row_stride;
 };
 
+// Where an item's window lies: its image and head, and the grid position of its first token.
+struct Item {
+    int64_t batch, head, y0, x0;
+};
+
+Item locate(const Problem& p, int64_t item) {
+    const int64_t windows = p.window_rows * p.window_cols;
+    const int64_t window = item / p.heads % windows;
+    return {item / p.heads / windows, item % p.heads, window / p.window_cols * p.height,
+            window % p.window_cols * p.width};
+}
+
+// Token n of the item in tensor g, or nullptr for a padding token.
+inline float* token(const Problem& p, const Grid& g, const Item& it, int64_t n) {
+    const int64_t y = it.y0 + n / p.width, x = it.x0 + n % p.width;
+    if (y >= p.grid_h || x >= p.grid_w) return nullptr;
+    return g.data + it.batch * g.batch + it.head * g.head + y * g.y + x * g.x;
+}
+
 // One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
-// block, and its values transposed as (vdim, row_stride), keys along the row; padding zero.
-void pack_item(const Problem& p, int64_t item, float* k_pack, float* v_t) {
+// block, and its values transposed as (vdim, row_stride), keys along the row; the keys past
+// the window zero.
+void pack_item(const Problem& p, const Item& it, float* k_pack, float* v_t) {
     const int64_t n = p.height * p.width;
-    const int64_t batch = item / p.heads, head = item % p.heads;
-    const float* k = p.k + batch * p.k_batch + head * p.k_head;
-    const float* v = p.v + batch * p.v_batch + head * p.v_head;
     for (int64_t j = 0; j < p.keys_padded; j++) {
         float* slot = k_pack + j / 16 * p.dim * 16 + j % 16;
-        for (int64_t c = 0; c < p.dim; c++) slot[c * 16] = j < n ? k[j * p.k_row + c] : 0.0f;
+        const float* k = j < n ? token(p, p.k, it, j) : nullptr;
+        if (j < n && k == nullptr) k = p.k_pad + it.head * p.dim;
+        for (int64_t c = 0; c < p.dim; c++) slot[c * 16] = k ? k[c] : 0.0f;
     }
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.row_stride + j] = v[j * p.v_row + e];
+    for (int64_t j = 0; j < n; j++) {
+        const float* v = token(p, p.v, it, j);
+        if (v == nullptr) v = p.v_pad + it.head * p.vdim;
+        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.row_stride + j] = v[e];
+    }
     for (int64_t e = 0; e < p.vdim; e++)
         for (int64_t j = n; j < p.row_stride; j++) v_t[e * p.row_stride + j] = 0.0f;
 }
 
+// The two inner loops below are kept out of line (HOT): inlined into the one function that
+// everything else is inlined into, their register allocation changed with unrelated code
+// around them, and a change to the packing once made the global blocks 1.7x slower.
+#define HOT __attribute__((noinline))
+
 // Logits of kRows query rows against keys [first, last) into logits[r * stride + j];
 // returns each row's maximum over those keys in max_out.
-void logits_block(const Problem& p, const float* k_pack, const float* q_rows, const float* const* rel_h,
+HOT void logits_block(const Problem& p, const float* k_pack, const float* q_rows, const float* const* rel_h,
                   const float* const* rel_w, float* logits, int64_t stride, int64_t first, int64_t last,
                   bool bias_from_factors, float* max_out) {
     __m256 m[kRows];
@@ -152,7 +193,7 @@ void logits_block(const Problem& p, const float* k_pack, const float* q_rows, co
 
 // acc[r * vdim_pad + e] += sum over keys [first, last) of weights[r, j] * v_t[e, j], two
 // value channels at a time, as 8-lane partial sums.
-void accumulate_values(const Problem& p, const float* v_t, const float* weights, int64_t stride,
+HOT void accumulate_values(const Problem& p, const float* v_t, const float* weights, int64_t stride,
                        int64_t first, int64_t last, __m256* acc, int64_t vdim_pad) {
     for (int64_t e = 0; e < p.vdim; e += 2) {
         const float* v0 = v_t + e * p.row_stride;
@@ -202,10 +243,11 @@ inline void relative_terms(const float* q, const float* table, int64_t dim, int6
     }
 }
 
-// The running state of kRows query rows: their copied queries, relative-position terms,
-// softmax maximum and sum, and value accumulators.
+// The running state of up to kRows query rows (window tokens): their copied queries,
+// relative-position terms, softmax maximum and sum, and value accumulators.
 struct RowGroup {
-    int64_t first_row, rows;
+    int64_t row[kRows];
+    int rows;
     float* q_rows;
     float* rel_rows;
     float* logits;
@@ -215,13 +257,12 @@ struct RowGroup {
     float running_max[kRows], running_sum[kRows];
 };
 
-void start_group(const Problem& p, int64_t item, RowGroup& g, int64_t stride, int64_t vdim_pad,
+void start_group(const Problem& p, const Item& it, RowGroup& g, int64_t stride, int64_t vdim_pad,
                  bool bias_from_factors) {
     const int64_t n = p.height * p.width;
-    const int64_t batch = item / p.heads, head = item % p.heads;
     for (int r = 0; r < kRows; r++) {
-        const int64_t row = g.first_row + (r < g.rows ? r : 0);  // spare rows repeat the first
-        const float* q = p.q + batch * p.q_batch + head * p.q_head + row * p.q_row;
+        const int64_t row = g.row[r < g.rows ? r : 0];  // spare rows repeat the first
+        const float* q = token(p, p.q, it, row);
         for (int64_t c = 0; c < p.dim; c++) g.q_rows[r * p.dim + c] = q[c];
         const int64_t height8 = round_up8(p.height), width8 = round_up8(p.width);
         float* terms = g.rel_rows + r * (height8 + width8);
@@ -276,49 +317,52 @@ void attend_block(const Problem& p, const float* k_pack, const float* v_t, RowGr
     accumulate_values(p, v_t, logits, stride, first, last, g.acc, vdim_pad);
 }
 
-void finish_group(const Problem& p, int64_t item, const RowGroup& g, int64_t vdim_pad) {
-    const int64_t batch = item / p.heads, head = item % p.heads;
+void finish_group(const Problem& p, const Item& it, const RowGroup& g, int64_t vdim_pad) {
     for (int r = 0; r < g.rows; r++) {
         const float inverse = 1.0f / g.running_sum[r];
-        float* out = p.out + batch * p.out_batch + head * p.out_head + (g.first_row + r) * p.out_row;
+        float* out = token(p, p.out, it, g.row[r]);
         for (int64_t e = 0; e < p.vdim; e++) out[e] = horizontal_sum(g.acc[r * vdim_pad + e]) * inverse;
     }
 }
 
-// Up to kGroups groups of query rows from first_row on: each block of keys and values is
-// used by every group while it is in the cache, instead of being fetched again per group.
-void attend_rows(const Problem& p, int64_t item, const float* k_pack, const float* v_t, int64_t first_row,
-                 int64_t row_end, RowGroup* groups, int64_t stride, int64_t vdim_pad) {
+// The query rows rows[0, count), up to kGroups * kRows of them, in groups of kRows: each block
+// of keys and values is used by every group while it is in the cache, instead of being
+// fetched again per group.
+void attend_rows(const Problem& p, const Item& it, const float* k_pack, const float* v_t, const int64_t* rows,
+                 int64_t count, RowGroup* groups, int64_t stride, int64_t vdim_pad) {
     const bool bias_from_factors = p.width % 16 == 0;
-    int count = 0;
-    for (int64_t row = first_row; row < row_end && count < kGroups; row += kRows, count++) {
-        groups[count].first_row = row;
-        groups[count].rows = row_end - row < kRows ? row_end - row : kRows;
-        start_group(p, item, groups[count], stride, vdim_pad, bias_from_factors);
+    int groups_used = 0;
+    for (int64_t first = 0; first < count; first += kRows, groups_used++) {
+        RowGroup& g = groups[groups_used];
+        g.rows = count - first < kRows ? static_cast<int>(count - first) : kRows;
+        for (int r = 0; r < g.rows; r++) g.row[r] = rows[first + r];
+        start_group(p, it, g, stride, vdim_pad, bias_from_factors);
     }
     for (int64_t first = 0; first < p.keys_padded; first += kKeys) {
         const int64_t last = first + kKeys < p.keys_padded ? first + kKeys : p.keys_padded;
-        for (int i = 0; i < count; i++)
+        for (int i = 0; i < groups_used; i++)
             attend_block(p, k_pack, v_t, groups[i], stride, vdim_pad, bias_from_factors, first, last);
     }
-    for (int i = 0; i < count; i++) finish_group(p, item, groups[i], vdim_pad);
+    for (int i = 0; i < groups_used; i++) finish_group(p, it, groups[i], vdim_pad);
 }
 
 }  // namespace
 
-extern "C" int slimseg_kernel_version(void) { return 5; }
+extern "C" int slimseg_kernel_version(void) { return 6; }
 
-// Items [item_begin, item_end), query rows [row_begin, row_end) of each. Returns 0, or 1
-// when scratch memory could not be allocated (nothing written then).
+// Items [item_begin, item_end), query rows (window tokens) [row_begin, row_end) of each.
+// Returns 0, or 1 when scratch memory could not be allocated (nothing written then).
 extern "C" int slimseg_rel_pos_attention(
     const float* q, const float* k, const float* v, const float* table_h, const float* table_w, float* out,
-    int64_t heads, int64_t height, int64_t width, int64_t dim, int64_t vdim,
-    int64_t q_batch, int64_t q_head, int64_t q_row, int64_t k_batch, int64_t k_head, int64_t k_row,
-    int64_t v_batch, int64_t v_head, int64_t v_row, int64_t out_batch, int64_t out_head, int64_t out_row,
-    float scale, int64_t item_begin, int64_t item_end, int64_t row_begin, int64_t row_end) {
+    const float* k_pad, const float* v_pad, int64_t heads, int64_t height, int64_t width, int64_t dim,
+    int64_t vdim, int64_t grid_h, int64_t grid_w, const int64_t* strides, float scale, int64_t item_begin,
+    int64_t item_end, int64_t row_begin, int64_t row_end) {
     const int64_t keys_padded = (height * width + 15) / 16 * 16;
-    const Problem p{q, k, v, table_h, table_w, out, heads, height, width, dim, vdim,
-                    q_batch, q_head, q_row, k_batch, k_head, k_row, v_batch, v_head, v_row, out_batch, out_head, out_row,
+    const int64_t* s = strides;  // batch, head, y and x strides of q, k, v and out
+    const Problem p{{const_cast<float*>(q), s[0], s[1], s[2], s[3]}, {const_cast<float*>(k), s[4], s[5], s[6], s[7]},
+                    {const_cast<float*>(v), s[8], s[9], s[10], s[11]}, {out, s[12], s[13], s[14], s[15]},
+                    table_h, table_w, k_pad, v_pad, heads, height, width, dim, vdim,
+                    grid_h, grid_w, (grid_h + height - 1) / height, (grid_w + width - 1) / width,
                     scale, keys_padded, keys_padded + 16};
     const int64_t stride = p.row_stride;
     const int64_t vdim_pad = vdim + (vdim & 1);
@@ -330,7 +374,8 @@ extern "C" int slimseg_rel_pos_attention(
     __m256* acc = static_cast<__m256*>(aligned_alloc(64, sizeof(__m256) * kGroups * kRows * vdim_pad));
     float* k_pack = static_cast<float*>(aligned_alloc(64, sizeof(float) * keys_padded * dim));
     float* v_t = static_cast<float*>(aligned_alloc(64, sizeof(float) * vdim * p.row_stride));
-    int status = logits && q_rows && rel_rows && acc && k_pack && v_t ? 0 : 1;
+    int64_t* rows = static_cast<int64_t*>(malloc(sizeof(int64_t) * (row_end - row_begin + 1)));
+    int status = logits && q_rows && rel_rows && acc && k_pack && v_t && rows ? 0 : 1;
     for (int i = 0; i < kGroups; i++) {
         groups[i].logits = logits + i * kRows * stride;
         groups[i].q_rows = q_rows + i * kRows * dim;
@@ -339,10 +384,17 @@ extern "C" int slimseg_rel_pos_attention(
     }
     if (status == 0)
         for (int64_t item = item_begin; item < item_end; item++) {
-            pack_item(p, item, k_pack, v_t);
-            for (int64_t row = row_begin; row < row_end; row += kGroups * kRows)
-                attend_rows(p, item, k_pack, v_t, row, row_end, groups, stride, vdim_pad);
+            const Item it = locate(p, item);
+            int64_t count = 0;  // the rows that are tokens of the grid, not padding
+            for (int64_t row = row_begin; row < row_end; row++)
+                if (it.y0 + row / width < grid_h && it.x0 + row % width < grid_w) rows[count++] = row;
+            if (count == 0) continue;
+            pack_item(p, it, k_pack, v_t);
+            for (int64_t first = 0; first < count; first += kGroups * kRows)
+                attend_rows(p, it, k_pack, v_t, rows + first,
+                            count - first < kGroups * kRows ? count - first : kGroups * kRows, groups, stride, vdim_pad);
         }
+    free(rows);
     free(v_t);
     free(k_pack);
     free(acc);
