@@ -110,6 +110,10 @@ def test_kernel_refuses_inputs_that_disagree(kernel):
         kernel.windows(q, k, v, table_h, table_w[..., :6], 0.3, k_pad, v_pad)
     with pytest.raises(ValueError, match="disagree"):
         kernel.windows(q, k[:, :4], v, table_h, table_w, 0.3, k_pad, v_pad)
+    with pytest.raises(ValueError, match=r"\(B, H, W, heads, C\) grids"):
+        kernel.windows(q.flatten(1, 2), k, v, table_h, table_w, 0.3, k_pad, v_pad)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        kernel.windows(q, k, v, table_h.double(), table_w, 0.3, k_pad, v_pad)
 
 
 def _grid_problem(batch, heads, grid, dim, value_dim, seed):

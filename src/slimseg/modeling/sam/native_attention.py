@@ -4,8 +4,8 @@ first use with the system C++ compiler and called through ctypes.
 On a 2-core AVX2 machine it runs global attention blocks 1.45x (SAM-B) to 2.4x (SlimSAM-77)
 faster than torch's fused attention over a prebuilt bias, and 14x14 windows 1.1x to 2x
 (docs/benchmarks.md); windowed blocks call it on the unpadded token grid
-(:meth:`RelPosAttentionKernel.windows`). It needs an x86-64 CPU with AVX2 and FMA, a C++ compiler (``$CXX``,
-else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
+(:meth:`RelPosAttentionKernel.windows`). It needs an x86-64 CPU with AVX2 and FMA, a C++
+compiler (``$CXX``, else ``c++``) and float32 inputs; without them, or with ``SLIMSEG_NATIVE_KERNELS=0``,
 :func:`native_kernel` returns None and the callers keep torch's attention. Like the other
 fast paths it serves only inference (``plain_compute()`` and autograd take torch's path).
 The shared library is cached under ``<slimseg cache>/kernels``, named after a hash of the
@@ -98,11 +98,15 @@ class RelPosAttentionKernel:
         Returns:
             (B, H, W, heads, Cv), the result of every grid token; padding tokens' are not computed.
         """
+        if any(t.dim() != 5 for t in (q, k, v)):
+            raise ValueError(f"q, k and v must be (B, H, W, heads, C) grids, not {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
         batch, height, width, heads, dim = q.shape
-        as_heads = [t.permute(0, 3, 1, 2, 4).flatten(2, 3) for t in (q, k, v)]
-        _check_inputs(*as_heads)
+        _check_inputs(*(t.permute(0, 3, 1, 2, 4).flatten(2, 3) for t in (q, k, v)))
         window = (table_h.shape[0], table_w.shape[0])
         _check_tables(table_h, table_w, window, dim, window[0] * window[1])
+        if k_pad.device.type != "cpu" or v_pad.device.type != "cpu":
+            raise ValueError("the attention kernel takes float32 CPU tensors")
         if k_pad.shape != (heads, dim) or v_pad.shape != (heads, v.shape[-1]):
             raise ValueError(f"padding keys {tuple(k_pad.shape)} and values {tuple(v_pad.shape)} do not fit "
                              f"{heads} heads of {dim} and {v.shape[-1]} channels")
@@ -162,7 +166,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _check_tables(table_h: torch.Tensor, table_w: torch.Tensor, window: tuple[int, int], dim: int,
                   tokens: int) -> None:
     rows, columns = window
-    if table_h.dtype != KERNEL_DTYPE or table_w.dtype != KERNEL_DTYPE:
+    if any(t.device.type != "cpu" or t.dtype != KERNEL_DTYPE for t in (table_h, table_w)):
         raise ValueError("the attention kernel takes float32 CPU tensors")
     if table_h.shape != (rows, rows, dim) or table_w.shape != (columns, columns, dim) or rows * columns != tokens:
         raise ValueError(f"tables {tuple(table_h.shape)} and {tuple(table_w.shape)} do not fit "

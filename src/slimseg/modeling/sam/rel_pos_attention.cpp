@@ -109,11 +109,15 @@ Item locate(const Problem& p, int64_t item) {
             window % p.window_cols * p.width};
 }
 
+// Whether token n of the item's window is a token of the grid rather than padding.
+inline bool in_grid(const Problem& p, const Item& it, int64_t n) {
+    return it.y0 + n / p.width < p.grid_h && it.x0 + n % p.width < p.grid_w;
+}
+
 // Token n of the item in tensor g, or nullptr for a padding token.
 inline float* token(const Problem& p, const Grid& g, const Item& it, int64_t n) {
-    const int64_t y = it.y0 + n / p.width, x = it.x0 + n % p.width;
-    if (y >= p.grid_h || x >= p.grid_w) return nullptr;
-    return g.data + it.batch * g.batch + it.head * g.head + y * g.y + x * g.x;
+    if (!in_grid(p, it, n)) return nullptr;
+    return g.data + it.batch * g.batch + it.head * g.head + (it.y0 + n / p.width) * g.y + (it.x0 + n % p.width) * g.x;
 }
 
 // One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
@@ -387,7 +391,7 @@ extern "C" int slimseg_rel_pos_attention(
             const Item it = locate(p, item);
             int64_t count = 0;  // the rows that are tokens of the grid, not padding
             for (int64_t row = row_begin; row < row_end; row++)
-                if (it.y0 + row / width < grid_h && it.x0 + row % width < grid_w) rows[count++] = row;
+                if (in_grid(p, it, row)) rows[count++] = row;
             if (count == 0) continue;
             pack_item(p, it, k_pack, v_t);
             for (int64_t first = 0; first < count; first += kGroups * kRows)
