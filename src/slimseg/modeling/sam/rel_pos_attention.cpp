@@ -221,28 +221,42 @@ HOT void accumulate_values(const Problem& p, const float* v_t, const float* weig
 
 inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
 
-// out[k] = sum over c of q[c] * table[c * keys8 + k] for 8 * V keys; V is a compile-time
-// constant so that the accumulators stay in registers.
-template <int V>
-inline void relative_terms_block(const float* q, const float* table, int64_t dim, int64_t keys8, float* out) {
-    __m256 a[V];
-    for (int v = 0; v < V; v++) a[v] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < dim; c++) {
-        const __m256 w = _mm256_broadcast_ss(q + c);
-        for (int v = 0; v < V; v++) a[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(table + c * keys8 + 8 * v), a[v]);
-    }
-    for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, a[v]);
+// out[r][k] = sum over c of q[r][c] * table[r][c * keys8 + k] for R rows and 8 * V keys, each
+// row with its own query and table: R * V independent sums, so that the FMAs overlap instead
+// of waiting on one chain per row (V and R compile-time, the accumulators in registers).
+template <int V, int R>
+inline void relative_terms_block(const float* const* q, const float* const* table, int64_t dim, int64_t keys8,
+                                 int64_t first, float* const* out) {
+    __m256 a[R][V];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) a[r][v] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c++)
+        for (int r = 0; r < R; r++) {
+            const __m256 w = _mm256_broadcast_ss(q[r] + c);
+            for (int v = 0; v < V; v++)
+                a[r][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(table[r] + c * keys8 + first + 8 * v), a[r][v]);
+        }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(out[r] + first + 8 * v, a[r][v]);
 }
 
-// out[k] = sum over c of q[c] * table[c * keys8 + k] for k < keys8 (a multiple of 8, the
-// table's padded row): one query's relative-position terms, 32 keys at a time.
-inline void relative_terms(const float* q, const float* table, int64_t dim, int64_t keys8, float* out) {
+// The relative-position terms of kRows queries, out[r][k] = sum over c of q[r][c] *
+// table[r][c * keys8 + k] for k < keys8 (a multiple of 8, the tables' padded rows), 32 keys
+// and up to 12 accumulators at a time.
+inline void relative_terms(const float* const* q, const float* const* table, int64_t dim, int64_t keys8,
+                           float* const* out) {
     for (int64_t first = 0; first < keys8; first += 32) {
         switch (keys8 - first < 32 ? (keys8 - first) / 8 : 4) {
-            case 1: relative_terms_block<1>(q, table + first, dim, keys8, out + first); break;
-            case 2: relative_terms_block<2>(q, table + first, dim, keys8, out + first); break;
-            case 3: relative_terms_block<3>(q, table + first, dim, keys8, out + first); break;
-            default: relative_terms_block<4>(q, table + first, dim, keys8, out + first); break;
+            case 1: relative_terms_block<1, 6>(q, table, dim, keys8, first, out); break;
+            case 2: relative_terms_block<2, 6>(q, table, dim, keys8, first, out); break;
+            case 3:
+                relative_terms_block<3, 3>(q, table, dim, keys8, first, out);
+                relative_terms_block<3, 3>(q + 3, table + 3, dim, keys8, first, out + 3);
+                break;
+            default:
+                relative_terms_block<4, 3>(q, table, dim, keys8, first, out);
+                relative_terms_block<4, 3>(q + 3, table + 3, dim, keys8, first, out + 3);
+                break;
         }
     }
 }
@@ -264,16 +278,25 @@ struct RowGroup {
 void start_group(const Problem& p, const Item& it, RowGroup& g, int64_t stride, int64_t vdim_pad,
                  bool bias_from_factors) {
     const int64_t n = p.height * p.width;
+    const int64_t height8 = round_up8(p.height), width8 = round_up8(p.width);
+    const float* q[kRows];
+    const float* tables_h[kRows];
+    const float* tables_w[kRows];
+    float* terms_h[kRows];
+    float* terms_w[kRows];
     for (int r = 0; r < kRows; r++) {
         const int64_t row = g.row[r < g.rows ? r : 0];  // spare rows repeat the first
-        const float* q = token(p, p.q, it, row);
-        for (int64_t c = 0; c < p.dim; c++) g.q_rows[r * p.dim + c] = q[c];
-        const int64_t height8 = round_up8(p.height), width8 = round_up8(p.width);
-        float* terms = g.rel_rows + r * (height8 + width8);
-        relative_terms(q, p.table_h + row / p.width * p.dim * height8, p.dim, height8, terms);
-        relative_terms(q, p.table_w + row % p.width * p.dim * width8, p.dim, width8, terms + height8);
-        g.rel_h[r] = terms;
-        g.rel_w[r] = terms + height8;
+        const float* q_row = token(p, p.q, it, row);
+        for (int64_t c = 0; c < p.dim; c++) g.q_rows[r * p.dim + c] = q_row[c];
+        q[r] = g.q_rows + r * p.dim;
+        tables_h[r] = p.table_h + row / p.width * p.dim * height8;
+        tables_w[r] = p.table_w + row % p.width * p.dim * width8;
+        g.rel_h[r] = terms_h[r] = g.rel_rows + r * (height8 + width8);
+        g.rel_w[r] = terms_w[r] = terms_h[r] + height8;
+    }
+    relative_terms(q, tables_h, p.dim, height8, terms_h);
+    relative_terms(q, tables_w, p.dim, width8, terms_w);
+    for (int r = 0; r < kRows; r++) {
         if (!bias_from_factors) {
             // 8 columns at a time; a store that runs past the end of a key row is
             // overwritten by the next row, the last row's by the padding's -1e30
