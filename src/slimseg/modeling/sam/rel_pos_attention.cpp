@@ -120,22 +120,66 @@ inline float* token(const Problem& p, const Grid& g, const Item& it, int64_t n) 
     return g.data + it.batch * g.batch + it.head * g.head + (it.y0 + n / p.width) * g.y + (it.x0 + n % p.width) * g.x;
 }
 
+// dst[c * dst_stride + i] = rows[i][c] for i, c < 8: eight rows of eight channels transposed.
+inline void transpose8(const float* const* rows, int64_t channel, float* dst, int64_t dst_stride) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i] + channel);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
+// dst[c * dst_stride + i] = rows[i][c] for i < count (at most 8) and c < dim: 8 x 8 blocks
+// where 8 rows and 8 channels are there (the last block of channels overlapping the one
+// before when dim is not a multiple of 8), else one by one.
+inline void transpose_rows(const float* const* rows, int count, int64_t dim, float* dst, int64_t dst_stride) {
+    if (count == 8 && dim >= 8) {
+        for (int64_t c = 0; c < dim; c += 8) {
+            const int64_t first = c + 8 <= dim ? c : dim - 8;
+            transpose8(rows, first, dst + first * dst_stride, dst_stride);
+        }
+        return;
+    }
+    for (int i = 0; i < count; i++)
+        for (int64_t c = 0; c < dim; c++) dst[c * dst_stride + i] = rows[i][c];
+}
+
 // One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
 // block, and its values transposed as (vdim, row_stride), keys along the row; the keys past
-// the window zero.
+// the window zero. Eight keys at a time, their tokens found by walking the window's rows.
 void pack_item(const Problem& p, const Item& it, float* k_pack, float* v_t) {
     const int64_t n = p.height * p.width;
-    for (int64_t j = 0; j < p.keys_padded; j++) {
-        float* slot = k_pack + j / 16 * p.dim * 16 + j % 16;
-        const float* k = j < n ? token(p, p.k, it, j) : nullptr;
-        if (j < n && k == nullptr) k = p.k_pad + it.head * p.dim;
-        for (int64_t c = 0; c < p.dim; c++) slot[c * 16] = k ? k[c] : 0.0f;
+    // global attention passes no padding, and its windows need none
+    const float* k_pad = p.k_pad ? p.k_pad + it.head * p.dim : nullptr;
+    const float* v_pad = p.v_pad ? p.v_pad + it.head * p.vdim : nullptr;
+    int64_t row = 0, column = 0;
+    for (int64_t first = 0; first < n; first += 8) {
+        const int count = n - first < 8 ? static_cast<int>(n - first) : 8;
+        const float* keys[8];
+        const float* values[8];
+        for (int i = 0; i < count; i++) {
+            const int64_t y = it.y0 + row, x = it.x0 + column;
+            const bool real = y < p.grid_h && x < p.grid_w;
+            keys[i] = real ? p.k.data + it.batch * p.k.batch + it.head * p.k.head + y * p.k.y + x * p.k.x : k_pad;
+            values[i] = real ? p.v.data + it.batch * p.v.batch + it.head * p.v.head + y * p.v.y + x * p.v.x : v_pad;
+            if (++column == p.width) { column = 0; row++; }
+        }
+        transpose_rows(keys, count, p.dim, k_pack + first / 16 * p.dim * 16 + first % 16, 16);
+        transpose_rows(values, count, p.vdim, v_t + first, p.row_stride);
     }
-    for (int64_t j = 0; j < n; j++) {
-        const float* v = token(p, p.v, it, j);
-        if (v == nullptr) v = p.v_pad + it.head * p.vdim;
-        for (int64_t e = 0; e < p.vdim; e++) v_t[e * p.row_stride + j] = v[e];
-    }
+    for (int64_t j = n; j < p.keys_padded; j++)
+        for (int64_t c = 0; c < p.dim; c++) k_pack[j / 16 * p.dim * 16 + c * 16 + j % 16] = 0.0f;
     for (int64_t e = 0; e < p.vdim; e++)
         for (int64_t j = n; j < p.row_stride; j++) v_t[e * p.row_stride + j] = 0.0f;
 }
