@@ -302,6 +302,22 @@ def test_built_library_is_reused_from_the_cache(tmp_path, kernel):
     assert [path.name for path in tmp_path.iterdir()] == [first.name]
 
 
+def test_a_changed_header_builds_a_new_library(tmp_path, kernel, monkeypatch):
+    """The kernel's header is part of the cache key: an upgrade that changes only the header
+    must not load the library built from the old one."""
+    first = build_library(os.environ.get("CXX", "c++"), tmp_path / "cache")
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for path in (native_attention.SOURCE, *native_attention.HEADERS):
+        (sources / path.name).write_bytes(path.read_bytes())
+    header = sources / native_attention.HEADERS[0].name
+    header.write_text(header.read_text() + "\n// a later version\n")
+    monkeypatch.setattr(native_attention, "SOURCE", sources / native_attention.SOURCE.name)
+    monkeypatch.setattr(native_attention, "HEADERS", (header,))
+    second = build_library(os.environ.get("CXX", "c++"), tmp_path / "cache")
+    assert second != first and second.is_file()
+
+
 def _failing_compiler(tmp_path: Path) -> Path:
     script = tmp_path / "broken-c++"
     script.write_text("#!/bin/sh\necho 'rel_pos_attention.cpp:1: error: no AVX2 here' >&2\nexit 1\n")

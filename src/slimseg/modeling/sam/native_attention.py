@@ -35,6 +35,7 @@ from slimseg.modeling.sam.fast_paths import switched_off
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
+HEADERS = (SOURCE.with_name("rel_pos_attention_simd.h"),)  # included by SOURCE
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
 KERNEL_VERSION = 6
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
@@ -253,7 +254,7 @@ def build_library(compiler: str, directory: Path) -> Path:
     executable = shutil.which(compiler)
     if executable is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = directory / f"rel_pos_attention-{digest}.so"
     if target.is_file():
