@@ -6,8 +6,8 @@ Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global blo
 allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
 kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
 is built and the input is float32 (for windowed blocks, straight on the unpadded token
-grid: :func:`windowed_cpu_rel_pos_attention`); otherwise it builds the bias a few query rows at a time
-into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
+grid: :func:`windowed_cpu_rel_pos_attention`); otherwise it builds the bias a few query rows
+at a time into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
 same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler
 (torch 2.4 and later; before, they take the whole bias). Training, tracing for export and
 CUDA take the whole-bias path, which autograd and the exporters understand.
@@ -109,11 +109,9 @@ def cpu_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel
     caller's transpose(1, 2).reshape(B, H*W, -1) is a view rather than a copy."""
     kernel = native_kernel() if q.dtype == KERNEL_DTYPE else None
     if kernel is not None:
-        table_h = relative_position_table(size[0], size[0], rel_pos_h.to(q.dtype))
-        table_w = relative_position_table(size[1], size[1], rel_pos_w.to(q.dtype))
         # the kernel reads channels with unit stride; a compiled graph may hand it others
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return kernel(q, k, v, table_h, table_w, scale)
+        return kernel(q, k, v, *_gathered_tables(rel_pos_h, rel_pos_w, size, q.dtype), scale)
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     batch, heads, queries, _ = q.shape
     height, width = size
@@ -157,9 +155,15 @@ def windowed_cpu_rel_pos_attention(
     kernel = native_kernel()
     if kernel is None:
         raise RuntimeError("windowed attention on the grid needs the native kernel")
-    table_h = relative_position_table(window, window, rel_pos_h.to(q.dtype))
-    table_w = relative_position_table(window, window, rel_pos_w.to(q.dtype))
-    return kernel.windows(q, k, v, table_h, table_w, scale, k_pad, v_pad)
+    tables = _gathered_tables(rel_pos_h, rel_pos_w, (window, window), q.dtype)
+    return kernel.windows(q, k, v, *tables, scale, k_pad, v_pad)
+
+
+def _gathered_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int],
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (H, H, C) and (W, W, C) tables the native kernel takes."""
+    return (relative_position_table(size[0], size[0], rel_pos_h.to(dtype)),
+            relative_position_table(size[1], size[1], rel_pos_w.to(dtype)))
 
 
 def windowed_kernel_applies(x: torch.Tensor) -> bool:
