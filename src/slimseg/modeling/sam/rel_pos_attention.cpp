@@ -80,10 +80,14 @@ inline bool in_grid(const Problem& p, const Item& it, int64_t n) {
     return it.y0 + n / p.width < p.grid_h && it.x0 + n % p.width < p.grid_w;
 }
 
+// The item's channels of grid token (y, x) in tensor g.
+inline float* at(const Grid& g, const Item& it, int64_t y, int64_t x) {
+    return g.data + it.batch * g.batch + it.head * g.head + y * g.y + x * g.x;
+}
+
 // Token n of the item in tensor g, or nullptr for a padding token.
 inline float* token(const Problem& p, const Grid& g, const Item& it, int64_t n) {
-    if (!in_grid(p, it, n)) return nullptr;
-    return g.data + it.batch * g.batch + it.head * g.head + (it.y0 + n / p.width) * g.y + (it.x0 + n % p.width) * g.x;
+    return in_grid(p, it, n) ? at(g, it, it.y0 + n / p.width, it.x0 + n % p.width) : nullptr;
 }
 
 // One item's keys as (keys_padded / 16, dim, 16) blocks of 16 keys, channel-major inside a
@@ -102,8 +106,8 @@ void pack_item(const Problem& p, const Item& it, float* k_pack, float* v_t) {
         for (int i = 0; i < count; i++) {
             const int64_t y = it.y0 + row, x = it.x0 + column;
             const bool real = y < p.grid_h && x < p.grid_w;
-            keys[i] = real ? p.k.data + it.batch * p.k.batch + it.head * p.k.head + y * p.k.y + x * p.k.x : k_pad;
-            values[i] = real ? p.v.data + it.batch * p.v.batch + it.head * p.v.head + y * p.v.y + x * p.v.x : v_pad;
+            keys[i] = real ? at(p.k, it, y, x) : k_pad;
+            values[i] = real ? at(p.v, it, y, x) : v_pad;
             if (++column == p.width) { column = 0; row++; }
         }
         transpose_rows(keys, count, p.dim, k_pack + first / 16 * p.dim * 16 + first % 16, 16);
@@ -214,6 +218,8 @@ inline void relative_terms_block(const float* const* q, const float* const* tabl
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) _mm256_storeu_ps(out[r] + first + 8 * v, a[r][v]);
 }
+
+static_assert(kRows == 6, "relative_terms splits a group's rows as 6 or 3 + 3");
 
 // The relative-position terms of kRows queries, out[r][k] = sum over c of q[r][c] *
 // table[r][c * keys8 + k] for k < keys8 (a multiple of 8, the tables' padded rows), 32 keys
