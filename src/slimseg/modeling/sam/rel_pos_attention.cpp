@@ -302,7 +302,11 @@ void attend_block(const Problem& p, const float* k_pack, const float* v_t, RowGr
     float block_max[kRows];
     logits_block(p, k_pack, g.q_rows, g.rel_h, g.rel_w, logits, stride, first, last, bias_from_factors, block_max);
     for (int r = 0; r < kRows; r++) {
-        if (block_max[r] > g.running_max[r]) {  // rescale what the earlier blocks summed
+        // The sum is 0 only before the row's first block: after any block it holds the
+        // weight 1 of the largest logit so far. Nothing to rescale then.
+        if (g.running_sum[r] == 0.0f) {
+            g.running_max[r] = block_max[r];
+        } else if (block_max[r] > g.running_max[r]) {  // rescale what the earlier blocks summed
             const float alpha = expf(g.running_max[r] - block_max[r]);
             g.running_sum[r] *= alpha;
             const __m256 a = _mm256_set1_ps(alpha);
@@ -329,7 +333,11 @@ void finish_group(const Problem& p, const Item& it, const RowGroup& g, int64_t v
     for (int r = 0; r < g.rows; r++) {
         const float inverse = 1.0f / g.running_sum[r];
         float* out = token(p, p.out, it, g.row[r]);
-        for (int64_t e = 0; e < p.vdim; e++) out[e] = horizontal_sum(g.acc[r * vdim_pad + e]) * inverse;
+        const __m256 scale = _mm256_set1_ps(inverse);
+        int64_t e = 0;
+        for (; e + 8 <= p.vdim; e += 8)
+            _mm256_storeu_ps(out + e, _mm256_mul_ps(horizontal_sums8(g.acc + r * vdim_pad + e), scale));
+        for (; e < p.vdim; e++) out[e] = horizontal_sum(g.acc[r * vdim_pad + e]) * inverse;
     }
 }
 
@@ -356,7 +364,7 @@ void attend_rows(const Problem& p, const Item& it, const float* k_pack, const fl
 
 }  // namespace
 
-extern "C" int slimseg_kernel_version(void) { return 6; }
+extern "C" int slimseg_kernel_version(void) { return 7; }
 
 // Items [item_begin, item_end), query rows (window tokens) [row_begin, row_end) of each.
 // Returns 0, or 1 when scratch memory could not be allocated (nothing written then).

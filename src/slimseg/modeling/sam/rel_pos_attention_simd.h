@@ -41,6 +41,16 @@ inline float horizontal_max(__m256 a) {
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+// The lane sums of a[0..8) as one vector: element i is the sum of a[i]'s eight lanes.
+inline __m256 horizontal_sums8(const __m256* a) {
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    // lanes 0-3: a[0..4) of the low half, 4-7: a[4..8) of the low half; the same for the high half
+    const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20), high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    return _mm256_add_ps(low, high);
+}
+
 // GCC folds a vector that several FMAs read into each FMA as a memory operand, which makes
 // the loops bound by loads; an empty asm pins it to a register.
 #define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
