@@ -20,6 +20,7 @@ from slimseg.benchmark import BenchSettings, PeakMemory, compile_model, floor_se
 from slimseg.benchmark.memory import PROCESS_RSS, STAGE_RSS
 from slimseg.cli.app import app
 from slimseg.errors import SlimsegError
+from slimseg.modeling.sam.native_attention import native_kernel_status
 
 runner = CliRunner()
 CPU = ["--device", "cpu", "--threads", "2"]
@@ -71,7 +72,9 @@ def test_cli_measures_every_stage_of_a_sam(sam_path, tmp_path):
     assert report["model"]["name"] == str(sam_path) and not report["model"]["autoppn"]
     assert report["machine"]["device"] == "cpu" and report["machine"]["threads"] == 2
     assert report["machine"]["torch"] == torch.__version__ and report["matmul"]["flops_per_second"] > 0
-    for text in ("image encoder", "SegEvery grid 4x4", "of floor", "torch " + torch.__version__):
+    assert report["machine"]["attention_kernel"] == native_kernel_status()
+    for text in ("image encoder", "SegEvery grid 4x4", "of floor", "torch " + torch.__version__,
+                 "relative-position attention"):
         assert text in result.stdout
     assert "bench: image encoder" in result.stderr  # progress, one line per stage
 
@@ -85,6 +88,8 @@ def test_cli_adds_the_autoppn_row_for_lite_sam_and_reads_the_image(lite_sam_path
     assert "proposer" in report["stages"]["segevery_autoppn"]["parts_median_s"]
     assert report["stages"]["box_prompt"]["image"] == [90, 120] and report["image"] == str(image_path)
     assert report["model"]["family"] == "lite-sam" and report["model"]["autoppn"]
+    # Lite-SAM has no relative-position attention: no kernel is built or named for it
+    assert "attention_kernel" not in report["machine"] and "relative-position" not in result.stdout
 
 
 def test_no_segevery_batch_and_random_weights_of_a_registered_model(image_path, tmp_path):
@@ -264,7 +269,7 @@ def test_dtype_table_refuses_an_unknown_model():
 
 def test_machine_line_names_the_attention_kernel_and_why_not_native():
     from slimseg.benchmark import describe_machine, machine_line
-    from slimseg.modeling.sam.native_attention import native_kernel_status, native_kernels_disabled
+    from slimseg.modeling.sam.native_attention import native_kernels_disabled
 
     machine = describe_machine(torch.device("cpu"))
     assert machine["attention_kernel"] == native_kernel_status()
@@ -279,3 +284,4 @@ def test_machine_line_names_the_attention_kernel_and_why_not_native():
     line = machine_line(describe_machine(torch.device("cpu"), torch.bfloat16))
     assert line.endswith("torch relative-position attention (the native kernel takes float32, not bfloat16)")
     assert "attention_kernel" not in describe_machine(torch.device("meta"))
+    assert "attention_kernel" not in describe_machine(torch.device("cpu"), rel_pos_attention=False)

@@ -32,10 +32,12 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+def describe_machine(device: torch.device, dtype: torch.dtype | None = None,
+                     rel_pos_attention: bool = True) -> dict[str, Any]:
     """device, device_name, cpu, cpu_cores, torch version, torch threads, python, platform,
-    (on the CPU) the relative-position attention kernel and (when given) the dtype, as plain
-    JSON values."""
+    (on the CPU, for models with relative-position attention) the attention kernel that runs
+    it and (when given) the dtype, as plain JSON values. ``rel_pos_attention=False`` (Lite-SAM)
+    leaves the kernel out: it would be built for nothing, and a line naming it would mislead."""
     machine: dict[str, Any] = {
         "device": str(device),
         "device_name": device_name(device),
@@ -48,7 +50,7 @@ def describe_machine(device: torch.device, dtype: torch.dtype | None = None) -> 
     }
     if device.type == "cuda":
         machine["cuda"] = torch.version.cuda
-    if device.type == "cpu":
+    if device.type == "cpu" and rel_pos_attention:
         machine["attention_kernel"] = native_kernel_status(dtype or torch.float32)
     if dtype is not None:
         machine["dtype"] = dtype_name(dtype)

@@ -30,6 +30,7 @@ from slimseg.inference.everything import MaskGenerator
 from slimseg.inference.precision import dtype_name, parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.modeling.complexity import count_parameters
+from slimseg.modeling.sam.image_encoder import Attention
 
 # The image SegEvery and the box prompt run on when none is given: photo-sized, with shapes.
 DEFAULT_IMAGE_SIZE = (768, 1024)
@@ -140,12 +141,19 @@ def run_bench(
             announce(f"{label}: {runs}")
             generator = MaskGenerator(model, output_mode="coco_rle", dtype=dtype, **options)
             stages[f"segevery_{name}"] = measure_segevery(plan, generator, image, label)
-    return BenchReport(describe_machine(device, dtype), _model_facts(model, work), settings, rate, stages)
+    machine = describe_machine(device, dtype, rel_pos_attention=has_rel_pos_attention(model))
+    return BenchReport(machine, _model_facts(model, work), settings, rate, stages)
 
 
 def _encode_and_decode(predictor: Predictor, image: np.ndarray, prompts: int) -> None:
     predictor.set_torch_image(encoder_input(predictor, image), image.shape[:2])
     predictor.predict_low_res(*point_batch(predictor, prompts), multimask_output=True)
+
+
+def has_rel_pos_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's image encoder attends with decomposed relative positions (the
+    SAM family), the attention that the native CPU kernel runs."""
+    return any(isinstance(module, Attention) and module.use_rel_pos for module in model.modules())
 
 
 def _model_facts(model: torch.nn.Module, work: ModelWork) -> dict[str, Any]:
