@@ -46,7 +46,8 @@ inline __m256 horizontal_sums8(const __m256* a) {
     const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
     const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
     const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-    // lanes 0-3: a[0..4) of the low half, 4-7: a[4..8) of the low half; the same for the high half
+    // s0123 holds a[0..4)'s partial sums, its low 128 bits from their low lanes, its high from
+    // their high lanes; s4567 the same for a[4..8): pair the halves up and add them
     const __m256 low = _mm256_permute2f128_ps(s0123, s4567, 0x20), high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
     return _mm256_add_ps(low, high);
 }
