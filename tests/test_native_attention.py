@@ -302,18 +302,19 @@ def test_built_library_is_reused_from_the_cache(tmp_path, kernel):
     assert [path.name for path in tmp_path.iterdir()] == [first.name]
 
 
-def test_a_changed_header_builds_a_new_library(tmp_path, kernel, monkeypatch):
-    """The kernel's header is part of the cache key: an upgrade that changes only the header
-    must not load the library built from the old one."""
+@pytest.mark.parametrize("changed", range(len(native_attention.HEADERS)))
+def test_a_changed_header_builds_a_new_library(tmp_path, kernel, monkeypatch, changed):
+    """Each of the kernel's headers is part of the cache key: an upgrade that changes only
+    that header must not load the library built from the old one."""
     first = build_library(os.environ.get("CXX", "c++"), tmp_path / "cache")
     sources = tmp_path / "sources"
     sources.mkdir()
     for path in (native_attention.SOURCE, *native_attention.HEADERS):
         (sources / path.name).write_bytes(path.read_bytes())
-    header = sources / native_attention.HEADERS[0].name
-    header.write_text(header.read_text() + "\n// a later version\n")
+    headers = tuple(sources / path.name for path in native_attention.HEADERS)
+    headers[changed].write_text(headers[changed].read_text() + "\n// a later version\n")
     monkeypatch.setattr(native_attention, "SOURCE", sources / native_attention.SOURCE.name)
-    monkeypatch.setattr(native_attention, "HEADERS", (header,))
+    monkeypatch.setattr(native_attention, "HEADERS", headers)
     second = build_library(os.environ.get("CXX", "c++"), tmp_path / "cache")
     assert second != first and second.is_file()
 

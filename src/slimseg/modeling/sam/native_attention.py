@@ -35,7 +35,8 @@ from slimseg.modeling.sam.fast_paths import switched_off
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rel_pos_attention.cpp")
-HEADERS = (SOURCE.with_name("rel_pos_attention_simd.h"),)  # included by SOURCE
+# included by SOURCE, and part of the cache key with it
+HEADERS = (SOURCE.with_name("rel_pos_attention_simd.h"), SOURCE.with_name("rel_pos_attention_terms.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-shared", "-fPIC")
 KERNEL_VERSION = 7
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"

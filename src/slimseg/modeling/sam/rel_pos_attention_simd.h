@@ -1,6 +1,6 @@
 // Vector helpers of rel_pos_attention.cpp (AVX2 and FMA): the exponential, horizontal
 // reductions and 8 x 8 transposes. Included by that file only, which slimseg compiles as one
-// unit (the build hashes both files).
+// unit (the build hashes it and its headers).
 
 #pragma once
 
