@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,22 @@ def test_global_threads_option_sets_torch_threads(model_path, images):
 def test_version_and_module_entry_point():
     completed = subprocess.run([sys.executable, "-m", "slimseg", "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == f"slimseg {slimseg.__version__}"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bench", "--runs", "0"], "'--runs'"),
+    (["segment", "a.jpg", "--format", "tflite"], "'--format'"),
+    (["no-such-command"], "No such command"),
+    (["segment", "a.jpg", "-b", "0,0,5,5", "--device", "gpu"], "unknown device 'gpu'"),
+    (["segment", "a.jpg", "-b", "0,0,5,5", "--dtype", "float64"], "unknown dtype 'float64'"),
+])
+def test_a_malformed_command_line_is_one_line_and_exit_status_2(argv, fragment, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"checked only once the command line is")
+    completed = subprocess.run([sys.executable, "-m", "slimseg", *argv], capture_output=True, text=True, cwd=tmp_path,
+                               env={**os.environ, "SLIMSEG_OFFLINE": "1"})
+    assert completed.returncode == 2, completed.stderr
+    (line,) = completed.stderr.splitlines()
+    assert line.startswith("slimseg: error: ") and fragment in line and completed.stdout == ""
 
 
 def test_box_prompt_gives_a_json_line_matching_the_predictor(model_path, images):

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 _CUDA_PATTERN = re.compile(r"^cuda(?::(\d+))?$")
@@ -32,7 +32,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("mps")
     match = _CUDA_PATTERN.match(text)
     if match is None:
-        raise SlimsegError(f"unknown device {spec!r}: use {DEVICE_CHOICES}")
+        raise UsageError(f"unknown device {spec!r}: use {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         raise SlimsegError(f"device {spec!r} requested but CUDA is not available on this machine")
     index = int(match.group(1) or 0)

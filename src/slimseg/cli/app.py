@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.exceptions import TyperException
 
 from slimseg import __version__
 from slimseg.allocator import tune_cpu_allocator
 from slimseg.cli.bench import bench
-from slimseg.cli.common import State
+from slimseg.cli.common import State, error_line
 from slimseg.cli.compress import distill, prune
 from slimseg.cli.export import export
 from slimseg.cli.eval_coco import eval_coco
@@ -65,4 +67,20 @@ app.command(no_args_is_help=True)(bench)
 
 
 def main() -> None:
-    app(prog_name="slimseg")
+    """The ``slimseg`` command. A malformed command line (unknown option, missing or
+    out-of-range value) is one error line and exit status 2, like every other error,
+    instead of the framework's usage box."""
+    try:
+        status = app(prog_name="slimseg", standalone_mode=False)
+    except TyperException as error:
+        # a command given without arguments has printed its help already (typer tells the
+        # case apart by this class name too, without importing it)
+        if type(error).__name__ != "NoArgsIsHelpError":
+            context = getattr(error, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            error_line(f"{error.format_message()}{hint}")
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        error_line("aborted")
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Annotated, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 
 # Results go to stdout; messages and progress bars go to stderr, so pipes stay clean.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -45,6 +47,24 @@ def user_errors() -> Iterator[None]:
             raise
         error_line(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def check_output_path(path: Path, option: str = "--out", *, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before any model is read or work done:
+    a file where a folder is wanted (``folder=True``) or the reverse, a parent that is a file,
+    or a folder that this user may not write into. Raises UsageError (exit status 2)."""
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UsageError(f"{option} {path} is a file: give a folder")
+        if not folder and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder: give a file name")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: no permission to write in {existing}")
 
 
 DeviceOption = Annotated[

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +28,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
         return name
     dtype = _DTYPES.get(str(name).strip().lower())
     if dtype is None:
-        raise SlimsegError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+        raise UsageError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
     return dtype
 
 
