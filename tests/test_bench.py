@@ -108,7 +108,7 @@ def test_no_segevery_batch_and_random_weights_of_a_registered_model(image_path, 
 @pytest.mark.parametrize(
     "args, fragment, code",
     [
-        (["--dtype", "float8"], "unknown dtype 'float8'", 1),
+        (["--dtype", "float8"], "unknown dtype 'float8'", 2),
         (["--runs", "0"], "--runs", 2),
         (["--runs", "-2"], "--runs", 2),
         (["--warmup", "-1"], "--warmup", 2),

@@ -75,7 +75,7 @@ def test_png_metadata_overlay_and_coco(model_path, images, tmp_path):
         (["--overlay"], "--out", 2),
         (["--sampler", "autoppn"], "AutoPPN", 1),
         (["--pred-iou-thresh", "1.5"], "pred_iou_thresh", 1),
-        (["--dtype", "int8"], "unknown dtype 'int8'", 1),
+        (["--dtype", "int8"], "unknown dtype 'int8'", 2),
         (["--compile", "--backend", "onnx"], "--compile applies to --backend torch", 2),
     ],
 )
