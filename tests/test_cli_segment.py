@@ -191,6 +191,7 @@ def test_box_sticking_out_is_clipped_and_point_outside_is_refused(model_path, im
     result = invoke("segment", images / "b.png", "-m", model_path, "-b", "-10,-5,500,500")
     assert result.exit_code == 0
     assert records(result.stdout)[0]["prompts"] == [{"box": [0.0, 0.0, 70.0, 90.0]}]
+    assert '"prompts": [{"box": [0.0, 0.0, 70.0, 90.0]}]' in result.stdout  # floats, as unclipped boxes are
     result = invoke("segment", images / "b.png", "-m", model_path, "-p", "500,10")
     assert_one_line_error(result, "b.png", "outside the 70x90 image")
 
@@ -237,9 +238,81 @@ def test_cli_process_has_no_traceback_for_bad_model(tmp_path):
     assert "Traceback" not in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
 
 
-def test_unwritable_output_is_reported_per_image(model_path, images, tmp_path):
+def test_output_folder_that_is_a_file_is_refused_before_the_model_loads(images, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output folder should be")
-    result = invoke("segment", images / "a.jpg", "-m", model_path, "-b", "0,0,30,30", "--out", blocker)
-    assert result.exit_code == 1 and "cannot write output" in result.stderr and "a.jpg" in result.stderr
+    # an unknown model proves the check comes first: its error would be exit status 1
+    for fmt in ("png", "rle"):
+        result = invoke("segment", images / "a.jpg", images / "b.png", "-m", "sam-z", "-b", "0,0,30,30",
+                        "--out", blocker, "-f", fmt)
+        assert_one_line_error(result, f"--out {blocker} is a file: give a folder", code=2)
     assert blocker.read_text() == "a file where the output folder should be"
+
+
+def test_unwritable_output_is_reported_per_image(model_path, images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file where a's mask folder should be")
+    result = invoke("segment", images / "a.jpg", images / "b.png", "-m", model_path, "-b", "0,0,30,30", "--out", out)
+    assert result.exit_code == 1 and "cannot write output" in result.stderr and "a.jpg" in result.stderr
+    assert [Path(r["image"]).name for r in records(result.stdout)] == ["b.png"]
+    assert (out / "a").read_text() == "a file where a's mask folder should be"
+
+
+def test_a_nan_score_is_written_as_null_in_strict_json(tmp_path, images):
+    model = random_tiny_model(7)
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.layers[2].bias.fill_(float("nan"))
+    broken = slimseg.save_model(model, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    result = invoke("segment", images / "a.jpg", "-m", broken, "-b", "10,20,100,90", "--multimask", "-o", out, "-f", "rle")
+    assert result.exit_code == 0, result.output
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} is not strict JSON"))
+
+    for record in (strict(result.stdout), strict((out / "a.json").read_text())):
+        assert [mask["score"] for mask in record["masks"]] == [None, None, None]
+
+
+def test_rerun_into_the_same_folder_removes_that_images_stale_masks_only(model_path, images, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("segment", images, "-m", model_path, "-b", "5,5,60,60", "--multimask", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["mask_000.png", "mask_001.png", "mask_002.png"]
+    for name in ("mask_0002.png", "mask_2.png", "mask_003.png.bak", "notes.txt"):  # not names we write
+        (out / "a" / name).write_text("the user's")
+    (out / "a" / "mask_004.png").mkdir()  # not a file
+    result = invoke("segment", images / "a.jpg", "-m", model_path, "-b", "5,5,60,60", "--out", out)
+    assert result.exit_code == 0, result.output
+    (record,) = records(result.stdout)
+    assert [Path(mask["file"]).name for mask in record["masks"]] == ["mask_000.png"]
+    assert sorted(p.name for p in (out / "a").iterdir()) == [
+        "mask_000.png", "mask_0002.png", "mask_003.png.bak", "mask_004.png", "mask_2.png", "notes.txt"]
+    assert len(list((out / "b").iterdir())) == 3  # another image's folder is left alone
+
+
+def test_a_missing_file_fails_alone_like_a_corrupt_one(model_path, images, tmp_path):
+    (images / "corrupt.png").write_bytes(b"not a png at all")
+    missing = images / "nonexist.png"
+    result = invoke("segment", images / "corrupt.png", missing, images / "a.jpg", "-m", model_path, "-b", "0,0,30,30")
+    assert result.exit_code == 1
+    assert [Path(r["image"]).name for r in records(result.stdout)] == ["a.jpg"]
+    assert f"slimseg: error: {missing}: no such file or directory" in result.stderr.splitlines()
+    assert "2 of 3 image(s) failed" in result.stderr and "Traceback" not in result.stderr
+    listing = f"{images / 'a.jpg'}\n{missing}\n{images / 'b.png'}\n"
+    result = invoke("segment", "-", "-m", model_path, "-b", "0,0,30,30", input=listing)
+    assert result.exit_code == 1
+    assert [Path(r["image"]).name for r in records(result.stdout)] == ["a.jpg", "b.png"]
+    assert f"{missing}: no such file or directory" in result.stderr
+
+
+def test_a_prompts_file_without_prompts_or_with_malformed_content_exits_2(model_path, images, tmp_path):
+    prompts = tmp_path / "pp.json"
+    for content in ("[]", "{}", '{"a.jpg": []}'):
+        prompts.write_text(content)
+        result = invoke("segment", images / "a.jpg", "-m", model_path, "--prompts", prompts)
+        assert_one_line_error(result, f"{prompts}: the prompts file holds no prompts", code=2)
+    prompts.write_text('[{"points": [[10, 20]], "labels": [0]}]')
+    result = invoke("segment", images / "a.jpg", "-m", model_path, "--prompts", prompts)
+    assert_one_line_error(result, f"{prompts}[0]: unknown key 'labels'", code=2)

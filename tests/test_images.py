@@ -232,7 +232,7 @@ def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.png"
     with pytest.raises(SlimsegError) as info:
         read_image(path)
-    assert str(info.value) == f"{path}: no such file"
+    assert str(info.value) == f"{path}: no such file or directory"
 
 
 def test_directory_is_an_error(tmp_path: Path) -> None:
@@ -278,6 +278,20 @@ def test_png_header_claiming_zero_width(tmp_path: Path) -> None:
     path = tmp_path / "zero.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
     _assert_cannot_read(path)
+
+
+def test_large_image_reads_without_pillows_decompression_bomb_warning(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between MAX_IMAGE_PIXELS and twice that, Pillow warns on stderr (two lines); a big
+    photo is no attack on us, so it reads silently. Above twice the limit stays an error."""
+    path = tmp_path / "big.png"
+    Image.fromarray(_pattern(40, 50)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 2000 pixels: in the warning range
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_rgb(read_image(path), 40, 50)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)  # over twice the limit
+    assert "decompression bomb" in _assert_cannot_read(path).lower()
 
 
 def test_image_extensions() -> None:

@@ -174,10 +174,22 @@ def test_symlink_to_same_file_is_taken_once(tree: Path) -> None:
     assert _pairs(expand_inputs(["photos/b.jpg", "link.jpg"])) == [("photos/b.jpg", "b")]
 
 
-def test_missing_path_is_an_error(tree: Path) -> None:
+def test_missing_path_is_kept_to_fail_alone_when_read(tree: Path) -> None:
+    """One missing file must not abort a run over the others: it stays in the list, and
+    reading it reports "no such file or directory" in its turn."""
+    assert _pairs(expand_inputs(["nowhere.jpg", "photos/b.jpg", "gone/x.png"])) == [
+        ("nowhere.jpg", "nowhere"), ("photos/b.jpg", "b"), ("gone/x.png", "x")]
+    listing = io.StringIO("photos/c.tiff\ndeleted.jpg\n")
+    assert _pairs(expand_inputs(["-"], stdin=listing)) == [("photos/c.tiff", "c"), ("deleted.jpg", "deleted")]
+
+
+def test_missing_path_is_an_error_when_nothing_exists(tree: Path) -> None:
     with pytest.raises(SlimsegError) as info:
-        expand_inputs(["photos/b.jpg", "nowhere.jpg"])
+        expand_inputs(["nowhere.jpg"])
     assert str(info.value) == "nowhere.jpg: no such file or directory"
+    with pytest.raises(SlimsegError) as info:
+        expand_inputs(["nowhere.jpg", "-", "gone.png"], stdin=io.StringIO("deleted.jpg\n"))
+    assert str(info.value) == "nowhere.jpg: no such file or directory (nor does any of the other 2 inputs)"
 
 
 def test_broken_symlink_is_missing(tree: Path) -> None:

@@ -16,6 +16,7 @@ from slimseg.io import (
     OVERLAY_PALETTE,
     atomic_write_bytes,
     atomic_write_text,
+    json_dumps_strict,
     render_overlay,
     write_image_png,
     write_mask_png,
@@ -83,6 +84,16 @@ def test_failed_replace_keeps_previous_and_removes_temp(tmp_path: Path) -> None:
         atomic_write_bytes(target, b"data")
     assert _entries(tmp_path) == ["taken"]
     assert (target / "inside.txt").read_text() == "keep"
+
+
+def test_strict_json_writes_non_finite_numbers_as_null() -> None:
+    """Python's json writes NaN and Infinity as bare tokens that strict parsers reject."""
+    import json
+
+    record = {"score": float("nan"), "masks": [{"iou": float("inf")}, (1, -float("inf"))], "seconds": 0.5, "ok": True}
+    text = json_dumps_strict(record)
+    assert text == '{"score": null, "masks": [{"iou": null}, [1, null]], "seconds": 0.5, "ok": true}'
+    json.loads(text, parse_constant=lambda token: pytest.fail(f"non-strict token {token}"))
 
 
 def test_mask_png_is_single_channel_zero_or_255(tmp_path: Path) -> None:

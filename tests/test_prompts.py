@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_options_make_one_object_per_box_and_one_for_all_points():
         ('[{"box": 5}]', "[0]"),
         ('[{"points": [[1, 2, 3]]}]', "label must be 1"),
         ('[{"mask": []}]', "'box' and/or 'points'"),
-        ("[{}]", "'box' and/or 'points'"),
+        ("[{}]", "needs at least one point or a box"),
     ],
 )
 def test_bad_prompts_files_name_the_file_and_the_entry(tmp_path, content, fragment):
@@ -41,6 +42,41 @@ def test_bad_prompts_files_name_the_file_and_the_entry(tmp_path, content, fragme
     assert str(path) in str(caught.value) and fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"points": [1, 2]}]', "pp.json[0]: 'points' must be a list of points: write one point as [[1, 2]]"),
+        ('[{"box": [0, 0, 9, 9]}, {"points": []}]', "pp.json[1]: a prompt needs at least one point or a box"),
+        ('[{"points": [[10, 20]], "labels": [0]}]', "pp.json[0]: unknown key 'labels' (a prompt has 'box' and/or "
+         "'points'); labels go as the third number of each point, [x, y, label]"),
+        ('[{"box": "1,2,30,40"}]', "pp.json[0]: malformed 'box' \"1,2,30,40\": expected [x0, y0, x1, y1] in pixels"),
+        ('[{"box": [1, 2, NaN, 4]}]', "pp.json[0]: malformed 'box' [1, 2, NaN, 4]: expected [x0, y0, x1, y1] in pixels"),
+        ('[{"box": [true, 2, 3, 4]}]', "pp.json[0]: malformed 'box' [true, 2, 3, 4]: expected [x0, y0, x1, y1] in pixels"),
+        ('[{"points": [[1, 2], [3]]}]', "pp.json[0]: malformed point 1 [3] in 'points': expected [x, y] or [x, y, label] "
+         "in pixels"),
+        ('[{"points": "1,2"}]', "pp.json[0]: 'points' must be a list of [x, y] or [x, y, label] in pixels, got \"1,2\""),
+        ('{"a.jpg": [{"box": [0, 0, 9, 9]}], "b.png": [{"box": [5, 5, 1, 1]}]}',
+         "pp.json[b.png][0]: malformed 'box' [5, 5, 1, 1]: need x1 > x0 and y1 > y0"),
+        ('{"a.jpg": {"box": [1, 2, 3, 4]}}', 'pp.json[a.jpg]: must be a list of prompts, got {"box": [1, 2, 3, 4]}'),
+        ("[7]", "pp.json[0]: a prompt must be an object with 'box' and/or 'points', got 7"),
+    ],
+)
+def test_malformed_prompts_say_file_entry_and_reason_in_one_line_with_exit_status_2(tmp_path, monkeypatch, content,
+                                                                                    message):
+    monkeypatch.chdir(tmp_path)
+    Path("pp.json").write_text(content)
+    with pytest.raises(UsageError) as caught:
+        load_prompts_file("pp.json")
+    assert str(caught.value) == message and caught.value.exit_code == 2
+
+
+def test_empty_prompts_files_load_as_empty(tmp_path):
+    # segment's PromptSource turns "no prompts at all" into an error naming the file
+    for content, empty in (("[]", []), ("{}", {})):
+        (tmp_path / "p.json").write_text(content)
+        assert load_prompts_file(tmp_path / "p.json") == empty
+
+
 def test_prompts_file_shapes(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"x.jpg": [{"points": [[1, 2]]}]}))
@@ -49,6 +85,10 @@ def test_prompts_file_shapes(tmp_path):
 
 def test_fit_to_image_clips_boxes_and_refuses_points():
     assert fit_to_image(Prompt(box=(-5, 10, 500, 40)), 100, 200).box == (0, 10, 200, 40)
+    # clipped or not, every coordinate stays a float, so the JSON echo is [0.0, ...] throughout
+    clipped = fit_to_image(Prompt(box=(-5.0, 10.0, 500.0, 40.0)), 100, 200)
+    assert json.dumps(clipped.to_json()) == '{"box": [0.0, 10.0, 200.0, 40.0]}'
+    assert json.dumps(Prompt(((3, 4),), (1,), (1, 2, 5, 6)).to_json()) == '{"points": [[3.0, 4.0, 1]], "box": [1.0, 2.0, 5.0, 6.0]}'
     with pytest.raises(SlimsegError, match="outside the 200x100 image"):
         fit_to_image(Prompt(box=(300, 0, 400, 50)), 100, 200)
     with pytest.raises(SlimsegError, match=r"point \(201, 5\)"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
+import math
 import os
 import tempfile
 import threading
@@ -24,6 +26,7 @@ __all__ = [
     "atomic_output",
     "atomic_write_bytes",
     "atomic_write_text",
+    "json_dumps_strict",
     "render_overlay",
     "write_image_png",
     "write_mask_png",
@@ -94,6 +97,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` as UTF-8 to ``path`` atomically (see ``atomic_write_bytes``)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_dumps_strict(value: object) -> str:
+    """``json.dumps`` that writes strict JSON: NaN and ±inf floats become null.
+
+    Python's default writes them as the bare tokens NaN and Infinity, which strict parsers
+    (jq, JavaScript's JSON.parse, Go, Rust) reject, so one bad score would break a whole stream.
+    """
+    return json.dumps(_finite_or_null(value), allow_nan=False)
+
+
+def _finite_or_null(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,12 +16,14 @@ from slimseg.cli.common import console, error_line
 from slimseg.cli.inputs import ImageInput
 from slimseg.data.images import read_image
 from slimseg.errors import DeviceOutOfMemory, SlimsegError
+from slimseg.io import json_dumps_strict
 
 Embedding = TypeVar("Embedding")
 
 
 def for_each_image(inputs: list[ImageInput], description: str, process: Callable[[ImageInput], dict]) -> None:
-    """Call ``process`` per image and print its record (plus ``seconds``) as a JSON line.
+    """Call ``process`` per image and print its record (plus ``seconds``) as a strict JSON line
+    (a NaN or infinite number is written as null).
 
     A failing image is reported on stderr in one line and the others still run; at the end
     the command exits with status 1 if any failed. Running out of device memory stops the run.
@@ -46,7 +47,7 @@ def for_each_image(inputs: list[ImageInput], description: str, process: Callable
                 failures += 1
             else:
                 record["seconds"] = round(time.perf_counter() - started, 4)
-                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.write(json_dumps_strict(record) + "\n")
                 sys.stdout.flush()
             progress.advance(task)
     if failures:

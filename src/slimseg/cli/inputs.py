@@ -43,6 +43,8 @@ def expand_inputs(
 
     Specs:
         * an existing file: taken whatever its suffix (reading it reports non-images);
+        * a path that does not exist: taken too, so that it fails alone when the command
+          reads it ("no such file or directory") and the other images are still processed;
         * a folder: images (by ``IMAGE_EXTENSIONS``) directly inside, or at all depths
           when ``recursive``; hidden files and folders skipped; sorted by relative path;
         * a glob with ``*?[`` (``**`` spans folders): matching image files, sorted;
@@ -54,7 +56,7 @@ def expand_inputs(
     collide (ignoring case, for case-insensitive filesystems) get ``_2``, ``_3``, ...
 
     Raises:
-        SlimsegError: a path does not exist, a glob matches nothing, a folder, glob or
+        SlimsegError: none of the paths exists, a glob matches nothing, a folder, glob or
             stdin yields no images, or no specs were given.
     """
     if not specs:
@@ -67,14 +69,23 @@ def expand_inputs(
             found.extend(_from_glob(spec))
         else:
             found.extend(_from_path(spec, recursive))
-    return _deduplicate(found)
+    inputs = _deduplicate(found)
+    # missing files fail one by one later, but a run where nothing exists is a mistake up front
+    if not any(image.path.exists() for image in inputs):
+        raise SlimsegError(_none_exists(inputs))
+    return inputs
+
+
+def _none_exists(inputs: list[ImageInput]) -> str:
+    others = len(inputs) - 1
+    tail = "" if not others else " (nor does the other input)" if others == 1 else \
+        f" (nor does any of the other {others} inputs)"
+    return f"{inputs[0].path}: no such file or directory{tail}"
 
 
 def _from_path(spec: str, recursive: bool) -> list[tuple[Path, str]]:
     path = Path(spec)
-    if not path.exists():
-        raise SlimsegError(f"{spec}: no such file or directory")
-    if not path.is_dir():
+    if not path.is_dir():  # a file, or a missing path that the command reports when it reads it
         return [(path, path.stem)]
     images = _scan_folder(path, recursive)
     if not images:

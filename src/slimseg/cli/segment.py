@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,14 +13,18 @@ import typer
 
 from slimseg.cli.backends import Backend, BackendOption, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
-from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.common import (BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption,
+                                check_output_path, user_errors)
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
 from slimseg.inference.precision import parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
-from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
+from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
+
+# the names _write_outputs gives mask PNGs; only files named exactly so are ever removed
+_MASK_FILE = re.compile(r"mask_(\d{3,})\.png")
 
 
 def make_predictor(backend: Backend, model: str, device: str, offline: bool, dtype: str = "float32") -> Predictor:
@@ -43,7 +48,9 @@ class PromptSource:
         self.per_image = loaded if isinstance(loaded, dict) else {}
         if isinstance(loaded, list):
             self.common += loaded
-        if not self.common and not self.per_image:
+        if not self.common and not any(self.per_image.values()):
+            if prompts_file:
+                raise UsageError(f"{prompts_file}: the prompts file holds no prompts (and no --box or --point was given)")
             raise UsageError("no prompts: give --box, --point or --prompts FILE")
 
     def has_prompts(self, image: ImageInput) -> bool:
@@ -75,7 +82,9 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
     height, width = rgb.shape[:2]
     record: dict = {"image": str(image.path), "width": width, "height": height, "masks": []}
     for n, (prompt_index, candidate, mask, score) in enumerate(_mask_entries(results)):
-        entry = {"prompt": prompt_index, "candidate": candidate, "score": round(score, 6),
+        # a broken model (NaN weights) gives a NaN score: null keeps the line strict JSON
+        shown_score = round(score, 6) if math.isfinite(score) else None
+        entry = {"prompt": prompt_index, "candidate": candidate, "score": shown_score,
                  "area": int(mask.sum()), "bbox": mask_to_box_xywh(mask)}
         if fmt is OutputFormat.png:
             path = out / image.key / f"mask_{n:03d}.png"
@@ -84,9 +93,11 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
         else:
             entry["segmentation"] = encode_rle(mask)
         record["masks"].append(entry)
+    if fmt is OutputFormat.png:
+        _remove_stale_masks(out / image.key, len(record["masks"]))
     record["prompts"] = [result.prompt.to_json() for result in results]
     if fmt is OutputFormat.rle:
-        atomic_write_text(out / f"{image.key}.json", json.dumps(record) + "\n")
+        atomic_write_text(out / f"{image.key}.json", json_dumps_strict(record) + "\n")
     if overlay:
         best = [result.masks[int(np.argmax(result.scores))] for result in results]
         picture = render_overlay(
@@ -97,6 +108,25 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
         write_image_png(path, picture)
         record["overlay"] = str(path)
     return record
+
+
+def _remove_stale_masks(folder: Path, count: int) -> None:
+    """Remove mask_NNN.png files numbered ``count`` or above that an earlier run with more
+    masks left in this image's folder, so the folder matches the record just written.
+    Only regular files named exactly as _write_outputs names them are touched."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        number = _mask_number(entry.name)
+        if number is not None and number >= count and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+
+
+def _mask_number(name: str) -> int | None:
+    """N of a name _write_outputs gives, f"mask_{N:03d}.png"; None for any other name."""
+    match = _MASK_FILE.fullmatch(name)
+    # "mask_0005.png" matches the pattern but is not a name we write ("mask_005.png"): not ours
+    return int(match.group(1)) if match and name == f"mask_{int(match.group(1)):03d}.png" else None
 
 
 def segment(
@@ -130,6 +160,8 @@ def segment(
             raise UsageError("--format jsonl writes to stdout only: use --format png or rle with --out")
         if overlay and out is None:
             raise UsageError("--overlay writes pictures: give --out DIR")
+        if out is not None:
+            check_output_path(out, folder=True)
         source = PromptSource(box or [], point or [], prompts)
         inputs = expand_inputs(images, recursive=recursive)
         predictor = make_predictor(backend, model, device, offline, dtype)

@@ -9,6 +9,7 @@ is honoured and palette/grey/CMYK files work, and only fall back to OpenCV for
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import cv2
@@ -54,7 +55,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     file = Path(path)
     if not file.exists():
-        raise SlimsegError(f"{path}: no such file")
+        raise SlimsegError(f"{path}: no such file or directory")
     if file.is_dir():
         raise SlimsegError(f"{path}: is a directory, not an image file")
     try:
@@ -69,6 +70,14 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def _decode(file: Path) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Pillow warns (two lines on stderr) above MAX_IMAGE_PIXELS: a large photo is no attack
+        # here. Above twice that it raises DecompressionBombError, which stays a clean error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _decode_quietly(file)
+
+
+def _decode_quietly(file: Path) -> np.ndarray:
     with Image.open(file) as img:
         if _has_deep_colour(img):
             orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)

@@ -31,10 +31,11 @@ class Prompt:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
+        # floats throughout, so a clipped box reads [0.0, 0.0, 320.0, 180.0] like any other
         if self.points:
-            data["points"] = [[x, y, label] for (x, y), label in zip(self.points, self.labels)]
+            data["points"] = [[float(x), float(y), int(label)] for (x, y), label in zip(self.points, self.labels)]
         if self.box is not None:
-            data["box"] = list(self.box)
+            data["box"] = [float(v) for v in self.box]
         return data
 
 
@@ -81,14 +82,72 @@ def prompts_from_options(boxes: Sequence[str], points: Sequence[str]) -> list[Pr
     return [Prompt(box=box) for box in parsed_boxes]
 
 
+_PROMPT_KEYS = ("box", "points")
+_POINT_FORM = "[x, y] or [x, y, label] in pixels"
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file spells it, cut short so the message stays one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite_numbers(value: Any, counts: Sequence[int]) -> list[float] | None:
+    """``value`` as floats if it is a JSON list of ``counts`` finite numbers, else None."""
+    if not isinstance(value, list) or len(value) not in counts:
+        return None
+    # bool is an int to Python, but true/false in a box is a mistake, not 1/0
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    numbers = [float(v) for v in value]
+    return numbers if all(np.isfinite(numbers)) else None
+
+
+def _box_from_json(value: Any, where: str) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    numbers = _finite_numbers(value, (4,))
+    if numbers is None:
+        raise UsageError(f"{where}: malformed 'box' {_shown(value)}: expected [x0, y0, x1, y1] in pixels")
+    x0, y0, x1, y1 = numbers
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{where}: malformed 'box' {_shown(value)}: need x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
+
+def _points_from_json(value: Any, where: str) -> list[tuple[float, float, int]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UsageError(f"{where}: 'points' must be a list of {_POINT_FORM}, got {_shown(value)}")
+    if _finite_numbers(value, (2, 3)) is not None:  # [x, y] where [[x, y]] was meant
+        raise UsageError(f"{where}: 'points' must be a list of points: write one point as [{_shown(value)}]")
+    points = []
+    for index, item in enumerate(value):
+        numbers = _finite_numbers(item, (2, 3))
+        if numbers is None:
+            raise UsageError(f"{where}: malformed point {index} {_shown(item)} in 'points': expected {_POINT_FORM}")
+        label = numbers[2] if len(numbers) == 3 else 1.0
+        if label not in (0.0, 1.0):
+            raise UsageError(f"{where}: malformed point {index} {_shown(item)} in 'points': "
+                             "label must be 1 (foreground) or 0 (background)")
+        points.append((numbers[0], numbers[1], int(label)))
+    return points
+
+
 def _prompt_from_json(item: Any, where: str) -> Prompt:
-    if not isinstance(item, dict) or not item or not set(item) <= {"box", "points"}:
-        raise SlimsegError(f"{where}: each prompt must be an object with 'box' and/or 'points'")
-    try:
-        box = parse_box(",".join(map(str, item["box"])), "'box'") if item.get("box") is not None else None
-        points = [parse_point(",".join(map(str, p)), "point") for p in item.get("points") or []]
-    except (TypeError, UsageError) as error:
-        raise SlimsegError(f"{where}: {error}") from None
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: a prompt must be an object with 'box' and/or 'points', got {_shown(item)}")
+    unknown = [key for key in item if key not in _PROMPT_KEYS]
+    if unknown:
+        # SAM's own API takes labels apart from the points; here they travel with each point
+        hint = "; labels go as the third number of each point, [x, y, label]" if "labels" in unknown else ""
+        raise UsageError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"(a prompt has 'box' and/or 'points'){hint}")
+    box = _box_from_json(item.get("box"), where)
+    points = _points_from_json(item.get("points"), where)
+    if box is None and not points:
+        raise UsageError(f"{where}: a prompt needs at least one point or a box")
     return Prompt(tuple((x, y) for x, y, _ in points), tuple(label for *_, label in points), box)
 
 
@@ -98,6 +157,11 @@ def load_prompts_file(path: str | Path) -> dict[str, list[Prompt]] | list[Prompt
     Either a list of prompts applied to every image, or an object mapping image paths (as
     given, or bare file names) to their own lists. A prompt is ``{"box": [x0, y0, x1, y1],
     "points": [[x, y, label], ...]}`` with either key optional.
+
+    Raises:
+        SlimsegError: the file cannot be read (exit status 1).
+        UsageError: its content is malformed; the message starts ``FILE[index]:`` or
+            ``FILE[image][index]:`` (exit status 2, as for a malformed ``--box``).
     """
     path = Path(path)
     try:
@@ -105,15 +169,19 @@ def load_prompts_file(path: str | Path) -> dict[str, list[Prompt]] | list[Prompt
     except OSError as error:
         raise SlimsegError(f"{path}: cannot read prompts file ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SlimsegError(f"{path}: prompts file is not valid JSON ({error})") from None
+        raise UsageError(f"{path}: prompts file is not valid JSON ({error})") from None
     if isinstance(data, list):
         return [_prompt_from_json(item, f"{path}[{i}]") for i, item in enumerate(data)]
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-        return {
-            name: [_prompt_from_json(item, f"{path}: {name}[{i}]") for i, item in enumerate(items)]
-            for name, items in data.items()
-        }
-    raise SlimsegError(f"{path}: prompts file must be a list of prompts or an object of image → prompts")
+    if isinstance(data, dict):
+        return {name: _image_prompts_from_json(items, f"{path}[{name}]") for name, items in data.items()}
+    raise UsageError(f"{path}: prompts file must be a list of prompts or an object of image → prompts, "
+                     f"got {_shown(data)}")
+
+
+def _image_prompts_from_json(items: Any, where: str) -> list[Prompt]:
+    if not isinstance(items, list):
+        raise UsageError(f"{where}: must be a list of prompts, got {_shown(items)}")
+    return [_prompt_from_json(item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
 def fit_to_image(prompt: Prompt, height: int, width: int) -> Prompt:
@@ -123,8 +191,9 @@ def fit_to_image(prompt: Prompt, height: int, width: int) -> Prompt:
             raise SlimsegError(f"point ({x:g}, {y:g}) lies outside the {width}x{height} image")
     box = prompt.box
     if box is not None:
-        clipped = (min(max(box[0], 0), width), min(max(box[1], 0), height),
-                   min(max(box[2], 0), width), min(max(box[3], 0), height))
+        # float() because min/max hand back the int bound where the box is clipped
+        clipped = (float(min(max(box[0], 0), width)), float(min(max(box[1], 0), height)),
+                   float(min(max(box[2], 0), width)), float(min(max(box[3], 0), height)))
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
             raise SlimsegError(f"box {list(box)} lies outside the {width}x{height} image")
         box = clipped
