@@ -74,7 +74,7 @@ def test_png_metadata_overlay_and_coco(model_path, images, tmp_path):
         (["-f", "png"], "--out", 2),
         (["--overlay"], "--out", 2),
         (["--sampler", "autoppn"], "AutoPPN", 1),
-        (["--pred-iou-thresh", "1.5"], "pred_iou_thresh", 1),
+        (["--pred-iou-thresh", "1.5"], "--pred-iou-thresh must be in [0, 1]", 2),
         (["--dtype", "int8"], "unknown dtype 'int8'", 2),
         (["--compile", "--backend", "onnx"], "--compile applies to --backend torch", 2),
     ],
@@ -99,3 +99,54 @@ def test_compiled_decoder_gives_the_eager_records(model_path, images, tmp_path):
     assert len(compiled) == len(eager) > 0
     assert [r["bbox"] for r in compiled] == [r["bbox"] for r in eager]
     assert [r["predicted_iou"] for r in compiled] == pytest.approx([r["predicted_iou"] for r in eager], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--out", "{file}"], "--out {file} is a file: give a folder"),
+        (["--out", "{file}", "-f", "coco"], "--out {file} is a file: give a folder"),
+        (["--out", "{folder}", "-f", "coco"], "annotations.json is a folder: give a file name"),
+        (["--points-per-side", "100000"], "--points-per-side"),
+        (["--crop-n-layers", "20"], "--crop-n-layers"),
+        (["--pred-iou-thresh", "1.5"], "--pred-iou-thresh must be in [0, 1], got 1.5"),
+        (["--box-nms-thresh", "2"], "--box-nms-thresh must be in [0, 1]"),
+        (["--crop-nms-thresh", "-1"], "--crop-nms-thresh must be in [0, 1]"),
+        (["--crop-overlap-ratio", "1.5"], "--crop-overlap-ratio must be in [0, 1)"),
+        (["--stability-score-thresh", "nan"], "--stability-score-thresh must be a finite number"),
+        (["--stability-score-offset", "-5"], "--stability-score-offset must be in [0, inf]"),
+        (["--sampler", "bogus"], "--sampler"),
+        (["--max-proposals", "8"], "--max-proposals and --proposal-thresh apply to --sampler autoppn"),
+        (["--points-per-side", "4", "--crop-n-layers", "2", "--crop-n-points-downscale-factor", "4"],
+         "--points-per-side 4 with --crop-n-points-downscale-factor 4 leaves no points in crop layer 2"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_loads(images, tmp_path, args, fragment):
+    """Exit 2 naming the option, with a model that does not exist: had the model been loaded
+    first, the error would be about the model (exit 1); nothing reaches stdout."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "coco" / "annotations.json").mkdir(parents=True)
+    names = {"file": str(tmp_path / "afile"), "folder": str(tmp_path / "coco")}
+    args = [arg.format(**names) for arg in args]
+    result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(tmp_path / "absent.safetensors"), *args])
+    assert result.exit_code == 2, result.output
+    assert fragment.format(**names) in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == "" and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_help_names_the_samplers_and_bounds():
+    result = runner.invoke(app, ["segevery", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "grid|autoppn" in result.stdout and "<str>" not in result.stdout
+    assert "1<=x<=1024" in result.stdout and "0<=x<=4" in result.stdout
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 2)])
+def test_crop_layers_on_an_image_a_few_pixels_wide(model_path, tmp_path, height, width):
+    """Such images tile into crops of zero width or height, which are skipped."""
+    path = tmp_path / "tiny.png"
+    Image.fromarray(photo(height, width, seed=5)).save(path)
+    result = runner.invoke(app, ["segevery", str(path), "-m", str(model_path), "--points-per-side", "2",
+                                 "--crop-n-layers", "1", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["width"] == width

@@ -258,6 +258,17 @@ def test_bad_arguments_raise_one_line(models, options, fragment):
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 3), (3, 2)])
+def test_crop_layers_skip_the_empty_crops_of_tiny_images(models, height, width):
+    _, model = models
+    image = photo(height, width, seed=2)
+    generator = MaskGenerator(model, points_per_side=2, crop_n_layers=2, pred_iou_thresh=0, stability_score_thresh=0)
+    records = generator.generate(image)
+    assert records and all(r["crop_box"][2] > 0 and r["crop_box"][3] > 0 for r in records)
+    again = generator.generate(image, generator.embed([image])[0])  # embeddings of the same crops
+    assert [r["bbox"] for r in again] == [r["bbox"] for r in records]
+
+
 def test_bad_model_and_image_raise(models):
     _, model = models
     with pytest.raises(SlimsegError, match="SAM-family model"):

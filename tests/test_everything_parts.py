@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything.boxes import batched_mask_to_box, batched_nms, is_box_near_crop_edge, nms
-from slimseg.inference.everything.crops import build_all_layer_point_grids, generate_crop_boxes
+from slimseg.inference.everything.crops import build_all_layer_point_grids, generate_crop_boxes, nonempty_crop_boxes
 from slimseg.inference.everything.data import MaskBatch, stability_score
 from slimseg.inference.everything.rle import (
     area_from_rle,
@@ -139,6 +139,16 @@ def test_crop_boxes_for_known_sizes():
                 assert generate_crop_boxes(size, n_layers, ratio) == amg.generate_crop_boxes(size, n_layers, ratio)
     for ours, theirs in zip(build_all_layer_point_grids(7, 2, 2), amg.build_all_layer_point_grids(7, 2, 2)):
         assert np.array_equal(ours, theirs)
+
+
+def test_nonempty_crop_boxes_drop_only_the_empty_crops():
+    # a 1 x 1 image tiles into 2 x 2 crops of which three have no pixels; large images have none
+    boxes, layers = generate_crop_boxes((1, 1), 1, 512 / 1500)
+    assert [0, 1, 1, 1] in boxes
+    assert nonempty_crop_boxes((1, 1), 1, 512 / 1500) == ([[0, 0, 1, 1], [0, 0, 1, 1]], [0, 1])
+    kept, kept_layers = nonempty_crop_boxes((3, 2), 2, 512 / 1500)
+    assert all(x1 > x0 and y1 > y0 for x0, y0, x1, y1 in kept) and len(kept) == len(kept_layers)
+    assert nonempty_crop_boxes((480, 640), 2, 512 / 1500) == generate_crop_boxes((480, 640), 2, 512 / 1500)
 
 
 @pytest.mark.parametrize("mode", ["holes", "islands"])

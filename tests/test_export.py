@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -278,10 +280,42 @@ def test_cli_export_onnx_prints_the_difference(model_path, tmp_path):
 def test_cli_export_safetensors_round_trips(model_path, tiny, tmp_path):
     result = invoke("export", "--model", model_path, "--format", "safetensors", "--out", tmp_path / "st")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"source": str(model_path), "format": "safetensors", "out": str(tmp_path / "st"),
+                                         "files": ["model.safetensors"], "source_format": "slimseg"}
     loaded = slimseg.load_model(tmp_path / "st" / "model.safetensors", device="cpu")
     assert loaded.config == tiny.config
     for (name, a), (_, b) in zip(loaded.state_dict().items(), tiny.state_dict().items()):
         assert torch.equal(a, b), name
+    again = invoke("export", "--model", model_path, "--format", "safetensors", "--out", tmp_path / "st")
+    assert again.exit_code == 0, again.output  # an earlier safetensors export is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_cli_export_checks_out_before_reading_the_model(tmp_path, fmt):
+    """A missing model: had the checkpoint been read first, the error would be about it."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"not really")
+    absent = tmp_path / "absent.safetensors"
+    result = invoke("export", "--model", absent, "--format", fmt, "--out", tmp_path / "afile")
+    assert result.exit_code == 2 and "afile is a file: give a folder" in result.stderr, result.output
+    result = invoke("export", "--model", absent, "--format", fmt, "--out", tmp_path / "photos")
+    assert result.exit_code == 2 and "not an earlier export: refusing to overwrite it" in result.stderr, result.output
+    assert (tmp_path / "afile").read_text() == "mine" and [p.name for p in (tmp_path / "photos").iterdir()] == ["a.png"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_folders_get_an_ordinary_folders_permissions(tmp_path, umask):
+    from slimseg.export.folders import staging_folder
+
+    previous = os.umask(umask)
+    try:
+        with staging_folder(tmp_path / "out") as staging:
+            (staging / "f").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
 
 
 @pytest.mark.parametrize(

@@ -165,3 +165,49 @@ def test_lite_sam_builds_saves_loads_and_segments(tmp_path, monkeypatch):
     assert json.loads(every.stdout)["sampler"] == "autoppn"
     report = json.loads(runner.invoke(app, ["info", str(path), "--json"]).stdout)
     assert report["architecture"]["family"] == "lite-sam" and report["parameters"]["autoppn"] > 0
+
+
+def test_convert_refuses_a_folder_before_reading(tmp_path):
+    (tmp_path / "d.safetensors").mkdir()
+    # the source does not even exist: the output is checked first
+    result = runner.invoke(app, ["convert", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "d.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert "d.safetensors is a folder: give a file name" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoint_errors_start_with_the_checkpoint(tmp_path, sam_layout_bytes):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = slimseg.save_model(slimseg.build_model(tiny_config()), tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as handle:
+        metadata = handle.metadata()
+    metadata["slimseg.config"] = metadata["slimseg.config"][:-1] + ",}"  # broken JSON
+    save_file(load_file(str(good)), str(tmp_path / "broken.safetensors"), metadata=metadata)
+    state = torch.load(__import__("io").BytesIO(sam_layout_bytes), weights_only=True)
+    torch.save({k: v for k, v in state.items() if "rel_pos" not in k}, tmp_path / "norel.pth")
+    for name, reason in (("broken.safetensors", "invalid model config JSON"),
+                         ("norel.pth", "no relative-position tables")):
+        with pytest.raises(SlimsegError) as caught:
+            slimseg.load_model(tmp_path / name, device="cpu")
+        assert str(caught.value).startswith(f"{tmp_path / name}: ") and reason in str(caught.value)
+        result = runner.invoke(app, ["info", str(tmp_path / name)])
+        assert result.exit_code == 1 and f"error: {tmp_path / name}: " in result.stderr
+
+
+def test_an_onnx_export_folder_as_a_checkpoint_says_use_backend_onnx(tmp_path, image):
+    folder = tmp_path / "tiny-onnx"
+    folder.mkdir()
+    (folder / "slimseg.json").write_text("{}")
+    result = runner.invoke(app, ["segment", image, "-m", str(folder), "-b", "0,0,10,10"])
+    assert result.exit_code == 1
+    assert f"{folder}: a slimseg ONNX export" in result.stderr and "--backend onnx" in result.stderr
+
+
+def test_models_table_never_cuts_a_name():
+    """Piped, rich draws 80 columns, too few for every column at its natural width."""
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for name in slimseg.list_models():
+        assert f" {name} " in result.stdout, name

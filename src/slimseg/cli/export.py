@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slimseg.cli.common import ModelOption, OfflineOption, console, user_errors
+from slimseg.cli.common import ModelOption, OfflineOption, check_output_path, console, user_errors
 from slimseg.errors import UsageError
 
 
@@ -40,7 +40,7 @@ def _print_report(manifest: dict) -> None:
 def export(
     model: ModelOption = "sam-b",
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx: image encoder, prompt encoder + mask decoder (and AutoPPN for lite-sam) as ONNX graphs with a slimseg.json manifest, verified in onnxruntime; safetensors: slimseg's own checkpoint format.")] = ExportFormat.onnx,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write (created; an earlier export there is replaced, anything else is refused).", show_default=False)] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write (created; an earlier export there, ONNX or safetensors, is replaced; any other non-empty folder is refused).", show_default=False)] = ...,  # type: ignore[assignment]
     opset: Annotated[Optional[int], typer.Option("--opset", metavar="N", help="ONNX opset, 14 to 20 [default: 17].", show_default=False)] = None,
     quantize: Annotated[Optional[Quantization], typer.Option("--quantize", help="Also write int8 graphs (onnxruntime dynamic quantisation of MatMul/Gemm weights) and make them the default.", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write float16 graphs (the decoder keeps float32 inputs and outputs).")] = False,
@@ -49,7 +49,7 @@ def export(
 ) -> None:
     """Export a model for deployment: ONNX graphs verified against torch, or safetensors.
 
-    Prints one JSON line (what was written) on stdout and the verification figures on stderr.
+    Prints one JSON line (what was written) on stdout and, for ONNX, the verification figures on stderr.
     """
     with user_errors():
         if fmt is ExportFormat.safetensors:
@@ -57,10 +57,11 @@ def export(
                                 (fp16, "--fp16"), (uint8_input, "--uint8-input")):
                 if given:
                     raise UsageError(f"{name} applies to --format onnx only")
-            from slimseg.zoo.loading import convert_checkpoint
+            from slimseg.export.folders import check_out_folder, export_safetensors
 
-            result = convert_checkpoint(model, out / "model.safetensors", offline=offline)
-            sys.stdout.write(json.dumps({**result, "out": str(out), "files": ["model.safetensors"]}) + "\n")
+            check_output_path(out, folder=True)
+            check_out_folder(out)  # before the checkpoint is read (or downloaded)
+            sys.stdout.write(json.dumps(export_safetensors(model, out, offline=offline)) + "\n")
             return
 
         from slimseg.export.onnx import DEFAULT_OPSET, check_opset, check_out_folder, export_onnx, require_export_extra
@@ -69,6 +70,7 @@ def export(
         # every cheap check before the model is read
         require_export_extra()
         check_opset(opset if opset is not None else DEFAULT_OPSET)
+        check_output_path(out, folder=True)
         check_out_folder(out)
         loaded = load_model(model, device="cpu", offline=offline)
         console.print(f"exporting {model} to {out} (opset {opset or DEFAULT_OPSET}) and verifying in onnxruntime ...")

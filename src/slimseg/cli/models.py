@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
-from slimseg.cli.common import OfflineOption, user_errors
+from slimseg.cli.common import OfflineOption, check_output_path, user_errors
 from slimseg.errors import UsageError
 from slimseg.zoo.info import describe, registry_rows
 from slimseg.zoo.loading import convert_checkpoint
@@ -32,6 +32,13 @@ def _encoder_line(arch: dict) -> str:
             f"{arch['global_attn_indexes']}")
 
 
+def _name_column(longest_name: int) -> Column:
+    # A name is what the user types next (`--model NAME`), so it must survive a narrow
+    # terminal or a pipe (80 columns) whole: never wrapped, never cut with an ellipsis; the
+    # other columns wrap instead ("weights from" folds, so a long URL loses no characters).
+    return Column("name", no_wrap=True, min_width=longest_name)
+
+
 def models(as_json: JsonOption = False) -> None:
     """List the registered models: parameters, input size, weight source, licence, cache state."""
     with user_errors():
@@ -39,7 +46,8 @@ def models(as_json: JsonOption = False) -> None:
         if as_json:
             sys.stdout.write(json.dumps(rows) + "\n")
             return
-        table = Table("name", "parameters", "input", "cached", "licence", "weights from")
+        table = Table(_name_column(max((len(row["name"]) for row in rows), default=4)), "parameters", "input",
+                      "cached", "licence", Column("weights from", overflow="fold"))
         for row in rows:
             table.add_row(row["name"], _millions(row["parameters"]),
                           f"{row['input_size']} px" if row["input_size"] else "from file",
@@ -90,4 +98,5 @@ def convert(
     with user_errors():
         if out.suffix != ".safetensors":
             raise UsageError(f"--out {out}: the file name must end in .safetensors")
+        check_output_path(out, folder=False)  # before the checkpoint is read (or downloaded)
         sys.stdout.write(json.dumps(convert_checkpoint(source, out, offline=offline)) + "\n")

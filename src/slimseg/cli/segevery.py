@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -15,13 +14,22 @@ import typer
 
 from slimseg.cli.backends import Backend, BackendOption, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
-from slimseg.cli.common import BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption, user_errors
+from slimseg.cli.common import (
+    BatchSizeOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OfflineOption,
+    check_output_path,
+    user_errors,
+)
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import UsageError
 from slimseg.inference.compilation import compile_model, first_compiled_call
+from slimseg.inference.everything.options import number_problem
 from slimseg.inference.masks import decode_rle
 from slimseg.inference.predictor import ImageEmbedding
-from slimseg.io import atomic_write_text, render_overlay, write_image_png, write_mask_png
+from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
 
 if TYPE_CHECKING:
     from slimseg.inference.everything import MaskGenerator
@@ -34,6 +42,28 @@ class EveryFormat(str, Enum):
     rle = "rle"
     png = "png"
     coco = "coco"
+
+
+class Sampler(str, Enum):
+    grid = "grid"
+    autoppn = "autoppn"
+
+
+COCO_FILE = "annotations.json"
+# Upper bounds that keep one image's work within memory, far above any useful setting.
+# 1024 points per side is a prompt per pixel of SAM's 1024-px input (1M prompts per crop, a
+# 16 MB grid); more only repeats input pixels, and 100000 would need 160 GB for the grid alone.
+MAX_POINTS_PER_SIDE = 1024
+# Crop layer i adds 4^i crops, and the embeddings of all an image's crops are held at once:
+# 4 layers make 341 crops (341 encoder passes, 1.4 GB of SAM's 256x64x64 float32 embeddings);
+# 5 would make 1365 crops and 5.5 GB, 20 about 10^12.
+MAX_CROP_N_LAYERS = 4
+# The generator's number arguments under their command-line names.
+_NUMBER_OPTIONS = {
+    "--pred-iou-thresh": "pred_iou_thresh", "--stability-score-thresh": "stability_score_thresh",
+    "--stability-score-offset": "stability_score_offset", "--box-nms-thresh": "box_nms_thresh",
+    "--crop-nms-thresh": "crop_nms_thresh", "--crop-overlap-ratio": "crop_overlap_ratio",
+}
 
 
 def _metadata_csv(records: list[dict]) -> str:
@@ -68,14 +98,43 @@ class CocoCollector:
     def write(self, path: Path) -> None:
         payload = {"images": self.images, "annotations": self.annotations,
                    "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
-        atomic_write_text(path, json.dumps(payload) + "\n")
+        atomic_write_text(path, json_dumps_strict(payload) + "\n")
+
+
+def _check_numbers(values: dict[str, float]) -> None:
+    """The generator's ranges (see MaskGenerator), checked under the option names before the
+    model loads; ``values`` maps option names to their values. NaN is refused too."""
+    for option, value in values.items():
+        problem = number_problem(_NUMBER_OPTIONS[option], value)
+        if problem is not None:
+            raise UsageError(f"{option} {problem}, got {value}")
+
+
+def _check_sampling(sampler: Sampler, points_per_side: int | None, layers: int, factor: int,
+                    proposal_options_given: bool) -> None:
+    """Option combinations MaskGenerator would refuse only after the model has loaded."""
+    if proposal_options_given and sampler is not Sampler.autoppn:
+        raise UsageError("--max-proposals and --proposal-thresh apply to --sampler autoppn")
+    if sampler is Sampler.grid and points_per_side is not None and int(points_per_side / factor**layers) < 1:
+        raise UsageError(f"--points-per-side {points_per_side} with --crop-n-points-downscale-factor {factor} "
+                         f"leaves no points in crop layer {layers}")
+
+
+def _check_out(out: Path | None, fmt: EveryFormat, overlay: bool) -> None:
+    if out is None:
+        if overlay or fmt is not EveryFormat.rle:
+            raise UsageError("--format png/coco and --overlay write files: give --out DIR")
+        return
+    check_output_path(out, folder=True)
+    if fmt is EveryFormat.coco:
+        check_output_path(out / COCO_FILE, folder=False)
 
 
 def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict], fmt: EveryFormat, out: Path,
                          overlay: bool) -> None:
     masks = [decode_rle(record["segmentation"]) for record in records]
     if fmt is EveryFormat.rle:
-        atomic_write_text(out / f"{image.key}.json", json.dumps(records) + "\n")
+        atomic_write_text(out / f"{image.key}.json", json_dumps_strict(records) + "\n")
     elif fmt is EveryFormat.png:
         for index, mask in enumerate(masks):
             write_mask_png(out / image.key / f"{index}.png", mask)
@@ -108,19 +167,19 @@ def _compile_decoder(generator: MaskGenerator) -> None:
 def segevery(
     images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders, quoted globs, or - to read paths from stdin.", show_default=False)],
     model: ModelOption = "sam-b",
-    sampler: Annotated[str, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam, or a model trained with `slimseg train --stage autoppn`), at most 256 instead of 1024.")] = "grid",
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam, or a model trained with `slimseg train --stage autoppn`), at most 256 instead of 1024.")] = Sampler.grid,
     max_proposals: Annotated[Optional[int], typer.Option("--max-proposals", min=1, help="AutoPPN sampler: keep at most this many proposed points (the model's top_k, 256, by default).", show_default=False)] = None,
     proposal_thresh: Annotated[Optional[float], typer.Option("--proposal-thresh", min=0.0, max=0.999, help="AutoPPN sampler: keep heatmap peaks scoring above this (the model's threshold, 0.05, by default).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for the masks (created if missing); without it only the JSON lines are printed.", show_default=False)] = None,
     fmt: Annotated[EveryFormat, typer.Option("--format", "-f", help="rle: OUT/<image>.json, a list of SAM records with COCO RLE (as segment-anything's amg.py --convert-to-rle); png: OUT/<image>/<i>.png masks (0/255) + metadata.csv; coco: OUT/annotations.json for the whole run (images, annotations, one 'object' category).")] = EveryFormat.rle,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png with every mask in colour.")] = False,
-    points_per_side: Annotated[Optional[int], typer.Option("--points-per-side", min=1, help="Grid sampler: points per image side (32 → 1024 prompts).", show_default="32")] = 32,
+    points_per_side: Annotated[Optional[int], typer.Option("--points-per-side", min=1, max=MAX_POINTS_PER_SIDE, help=f"Grid sampler: points per image side (32 → 1024 prompts), at most {MAX_POINTS_PER_SIDE}.", show_default="32")] = 32,
     points_per_batch: Annotated[int, typer.Option("--points-per-batch", min=1, help="Prompts decoded together (memory vs speed).")] = 64,
     pred_iou_thresh: Annotated[float, typer.Option("--pred-iou-thresh", help="Keep masks whose predicted IoU is above this (0 disables).")] = 0.88,
     stability_score_thresh: Annotated[float, typer.Option("--stability-score-thresh", help="Keep masks whose stability score is at least this (0 disables).")] = 0.95,
     stability_score_offset: Annotated[float, typer.Option("--stability-score-offset", help="Logit offset of the stability score.")] = 1.0,
     box_nms_thresh: Annotated[float, typer.Option("--box-nms-thresh", help="Box IoU above which duplicate masks are suppressed.")] = 0.7,
-    crop_n_layers: Annotated[int, typer.Option("--crop-n-layers", min=0, help="Extra layers of image crops (layer i has 4^i crops).")] = 0,
+    crop_n_layers: Annotated[int, typer.Option("--crop-n-layers", min=0, max=MAX_CROP_N_LAYERS, help=f"Extra layers of image crops (layer i has 4^i crops), at most {MAX_CROP_N_LAYERS}.")] = 0,
     crop_nms_thresh: Annotated[float, typer.Option("--crop-nms-thresh", help="Box IoU for suppressing duplicates between crops.")] = 0.7,
     crop_overlap_ratio: Annotated[float, typer.Option("--crop-overlap-ratio", help="Overlap between crops, as a fraction of the image's short side.")] = 512 / 1500,
     crop_n_points_downscale_factor: Annotated[int, typer.Option("--crop-n-points-downscale-factor", min=1, help="Grid points per side divided by this per crop layer.")] = 1,
@@ -141,14 +200,19 @@ def segevery(
     from slimseg.inference.everything import MaskGenerator
 
     with user_errors():
-        if out is None and (overlay or fmt is not EveryFormat.rle):
-            raise UsageError("--format png/coco and --overlay write files: give --out DIR")
+        # every check that needs no model first: a mistyped option must not cost a model load
+        _check_out(out, fmt, overlay)
+        _check_numbers({"--pred-iou-thresh": pred_iou_thresh, "--stability-score-thresh": stability_score_thresh,
+                        "--stability-score-offset": stability_score_offset, "--box-nms-thresh": box_nms_thresh,
+                        "--crop-nms-thresh": crop_nms_thresh, "--crop-overlap-ratio": crop_overlap_ratio})
+        _check_sampling(sampler, points_per_side, crop_n_layers, crop_n_points_downscale_factor,
+                        max_proposals is not None or proposal_thresh is not None)
         if compile_ and backend is Backend.onnx:
             raise UsageError("--compile applies to --backend torch; onnxruntime optimises the exported graphs itself")
         inputs = expand_inputs(images, recursive=recursive)
         network = open_model(backend, model, device, offline, dtype)
         generator = MaskGenerator(
-            network, sampler=sampler, points_per_side=points_per_side,
+            network, sampler=sampler.value, points_per_side=points_per_side,
             points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
@@ -171,10 +235,10 @@ def segevery(
                 coco.add(image, rgb.shape[0], rgb.shape[1], records)
             timings = {name: round(value, 4) for name, value in getattr(generator, "last_timings", {}).items()}
             return {"image": str(image.path), "width": rgb.shape[1], "height": rgb.shape[0], "masks": len(records),
-                    "sampler": sampler, "timings": timings}
+                    "sampler": sampler.value, "timings": timings}
 
         try:
             for_each_image(inputs, "segmenting everything", process)
         finally:
             if coco is not None:
-                coco.write(out / "annotations.json")
+                coco.write(out / COCO_FILE)

@@ -15,21 +15,19 @@ temporary sibling folder that is renamed into place, and removed on any failure.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from slimseg import __version__
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.export.deps import require
+from slimseg.export.folders import check_out_folder, staging_folder
 from slimseg.export.graphs import GraphSpec, graph_specs
-from slimseg.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, is_export_folder, variant_file, write_manifest_text
+from slimseg.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, variant_file, write_manifest_text
 from slimseg.export.quantize import convert_float16, quantize_int8
 from slimseg.export.verify import verify_export
 from slimseg.io import atomic_write_text
@@ -45,14 +43,6 @@ def check_opset(opset: int) -> int:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     return opset
-
-
-def check_out_folder(out: Path) -> None:
-    """Refuse to replace anything but an earlier export (or an empty folder)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: give a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
-        raise UsageError(f"--out {out} is a non-empty folder that is not an earlier export: refusing to overwrite it")
 
 
 def _io_spec(spec: GraphSpec) -> dict[str, Any]:
@@ -76,25 +66,6 @@ def _export_graph(spec: GraphSpec, path: Path, opset: int) -> None:
             input_names=list(spec.inputs), output_names=list(spec.outputs), dynamic_axes=spec.dynamic_axes,
             do_constant_folding=True,
         )
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that replaces it on success and vanishes on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        yield staging
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-        staging.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _manifest(model: PromptableSegmenter, specs: list[GraphSpec], opset: int, uint8_input: bool) -> dict[str, Any]:
@@ -143,7 +114,7 @@ def export_onnx(
     model = model.to("cpu").float().eval()
     specs = graph_specs(model, uint8_input)
     started = time.perf_counter()
-    with _staging(out) as staging:
+    with staging_folder(out) as staging:
         variants: dict[str, dict[str, str]] = {"float32": {}}
         for spec in specs:
             path = staging / variant_file(spec.name, "float32")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 _NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_ONNX_MANIFEST = "slimseg.json"  # slimseg.export.manifest.MANIFEST_NAME, not imported: zoo needs no export code
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ def weights_file(path: Path) -> Path:
     for name in _HF_WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
+    if (path / _ONNX_MANIFEST).is_file():
+        # the folder given to `segment --model` without `--backend onnx`: say what was meant
+        raise SlimsegError(f"{path}: a slimseg ONNX export (it has {_ONNX_MANIFEST}), not a checkpoint: run it with "
+                           "--backend onnx (in Python: slimseg.export.runtime.OnnxSam)")
     raise SlimsegError(f"{path}: folder holds no {' or '.join(_HF_WEIGHT_FILES)}")
 
 
@@ -98,14 +105,33 @@ def _to_slimseg_layout(path: Path, tensors: dict[str, torch.Tensor], fmt: str, s
     return LoadedCheckpoint(state_dict, config, fmt)
 
 
+@contextmanager
+def errors_naming(source: str | Path) -> Iterator[None]:
+    """Make every SlimsegError raised inside start with ``source``: deep in a checkpoint's
+    layout or config the code no longer knows which file it reads, and a user with several
+    checkpoints needs to. Messages that already start with it are left as they are."""
+    try:
+        yield
+    except SlimsegError as error:
+        message = str(error)
+        if message.startswith(str(source)):
+            raise
+        raise type(error)(f"{source}: {message}") from error
+
+
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Read a checkpoint of any supported format into slimseg's layout; see docs/models.md.
 
     The format comes from the bytes: slimseg safetensors (config in the metadata),
     segment-anything state dicts (fused or split q/k/v, ``.pth`` or safetensors), transformers
     SamModel files or folders, and pickled whole models such as SlimSAM's original release.
+    Every SlimsegError names the checkpoint first.
     """
-    source = Path(path)
+    with errors_naming(path):
+        return _read_checkpoint(Path(path))
+
+
+def _read_checkpoint(source: Path) -> LoadedCheckpoint:
     if not source.exists():
         raise SlimsegError(f"{source}: no such checkpoint file")
     path = weights_file(source)

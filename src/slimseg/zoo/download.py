@@ -213,7 +213,7 @@ def _unreachable(url: str, destination: Path, error: BaseException) -> SlimsegEr
         pass
     return SlimsegError(_one_line(
         f"cannot reach {host} ({_reason(error)}): fetch {url} yourself and save it as {destination}, "
-        "or run with --offline"))
+        f"or set {BASE_URL_ENV} to a mirror that serves {destination.name}"))
 
 
 def _reason(error: BaseException) -> str:

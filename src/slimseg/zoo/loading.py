@@ -9,7 +9,7 @@ import torch
 from slimseg.devices import resolve_device
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.zoo.families import Model, ModelConfig, is_model, model_from_config
-from slimseg.zoo.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint
+from slimseg.zoo.checkpoint import errors_naming, load_state_dict_strict, read_checkpoint, save_checkpoint
 from slimseg.zoo.download import download_file, mirror_url
 from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_model_name, spec_config
 
@@ -51,10 +51,17 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "auto", of
     """
     target = resolve_device(device)
     path = resolve_checkpoint(name_or_path, offline=offline)
-    checkpoint = read_checkpoint(path)
-    model = model_from_config(checkpoint.config)
-    load_state_dict_strict(model, checkpoint.state_dict, path)
-    return model.to(target).eval()
+    return _model_from_checkpoint(path)[0].to(target).eval()
+
+
+def _model_from_checkpoint(path: Path) -> tuple[Model, str]:
+    """The model a checkpoint file or folder holds (on the CPU) and the checkpoint's format;
+    every error names the checkpoint first."""
+    with errors_naming(path):
+        checkpoint = read_checkpoint(path)
+        model = model_from_config(checkpoint.config)
+        load_state_dict_strict(model, checkpoint.state_dict, path)
+    return model, checkpoint.format
 
 
 def save_model(model: Model, path: str | Path) -> Path:
@@ -74,6 +81,6 @@ def convert_checkpoint(name_or_path: str | Path, out: str | Path, offline: bool 
     path = resolve_checkpoint(name_or_path, offline=offline)
     if out.exists() and out.resolve() == path.resolve():
         raise UsageError(f"--out {out} would overwrite the checkpoint being converted")
-    fmt = read_checkpoint(path).format
-    written = save_model(load_model(path, device="cpu"), out)
+    model, fmt = _model_from_checkpoint(path)  # the file is read once
+    written = save_model(model.eval(), out)
     return {"source": str(path), "format": fmt, "out": str(written)}

@@ -10,7 +10,7 @@ import torch
 
 from slimseg.errors import SlimsegError
 
-__all__ = ["build_all_layer_point_grids", "build_point_grid", "generate_crop_boxes", "uncrop_masks"]
+__all__ = ["build_all_layer_point_grids", "build_point_grid", "generate_crop_boxes", "nonempty_crop_boxes", "uncrop_masks"]
 
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
@@ -57,6 +57,20 @@ def generate_crop_boxes(
                 boxes.append([x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)])
                 layers.append(layer)
     return boxes, layers
+
+
+def nonempty_crop_boxes(
+    image_size: tuple[int, int], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
+    """``generate_crop_boxes`` less the crops of zero width or height.
+
+    segment-anything's tiling (kept as it is, for parity) yields such crops on images only a
+    few pixels across: a 1-pixel-wide image split in two columns has an empty right column.
+    They hold no pixels to segment, so the generator skips them.
+    """
+    boxes, layers = generate_crop_boxes(image_size, n_layers, overlap_ratio)
+    kept = [index for index, (x0, y0, x1, y1) in enumerate(boxes) if x1 > x0 and y1 > y0]
+    return [boxes[index] for index in kept], [layers[index] for index in kept]
 
 
 def uncrop_masks(masks: torch.Tensor, crop_box: Sequence[int], height: int, width: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from slimseg.inference.everything.boxes import (
     uncrop_boxes_xyxy,
     uncrop_points,
 )
-from slimseg.inference.everything.crops import generate_crop_boxes, uncrop_masks
+from slimseg.inference.everything.crops import nonempty_crop_boxes, uncrop_masks
 from slimseg.inference.everything.data import MaskBatch, stability_score
 from slimseg.inference.everything.options import check_generator_options
 from slimseg.inference.everything.rle import (
@@ -183,7 +183,7 @@ class MaskGenerator:
         crops, counts = [], []
         for image in images:
             image = checked_image(image)
-            boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            boxes, _ = nonempty_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             crops += [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
             counts.append(len(boxes))
         step = self.encoder_batch_size
@@ -192,7 +192,7 @@ class MaskGenerator:
         return [flat[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
 
     def _check_embeddings(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding]) -> None:
-        boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+        boxes, _ = nonempty_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
         sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in boxes]
         given = [getattr(embedding, "original_size", None) for embedding in embeddings]
         if given != sizes:
@@ -205,7 +205,7 @@ class MaskGenerator:
 
     def _generate_masks(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding], clock: _Clock) -> MaskBatch:
         height, width = image.shape[:2]
-        crop_boxes, layers = generate_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
+        crop_boxes, layers = nonempty_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskBatch()
         for crop_box, layer, embedding in zip(crop_boxes, layers, embeddings):
             data.extend(self._process_crop(image, crop_box, layer, embedding, clock))

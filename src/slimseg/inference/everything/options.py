@@ -12,10 +12,20 @@ import numpy as np
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything.crops import build_all_layer_point_grids
 
-__all__ = ["OUTPUT_MODES", "SAMPLERS", "check_generator_options"]
+__all__ = ["NUMBER_RANGES", "OUTPUT_MODES", "SAMPLERS", "check_generator_options", "number_problem"]
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 SAMPLERS = ("grid", "autoppn")
+# (low, high, high end open) of the number arguments
+NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "pred_iou_thresh": (0.0, 1.0, False),
+    "stability_score_thresh": (0.0, 1.0, False),
+    "stability_score_offset": (0.0, math.inf, False),
+    "box_nms_thresh": (0.0, 1.0, False),
+    "crop_nms_thresh": (0.0, 1.0, False),
+    "crop_overlap_ratio": (0.0, 1.0, True),
+    "min_mask_region_area": (0.0, math.inf, False),
+}
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
@@ -24,12 +34,22 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _number(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+def number_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``name`` (a key of NUMBER_RANGES), e.g. "must be in
+    [0, 1]", or None when it is valid. ``slimseg segevery`` shares it to check its options
+    under their command-line names before the model loads."""
+    low, high, high_open = NUMBER_RANGES[name]
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise SlimsegError(f"{name} must be a finite number, got {value!r}")
+        return "must be a finite number"
     if value < low or value > high or (high_open and value == high):
-        bracket = ")" if high_open else "]"
-        raise SlimsegError(f"{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
+        return f"must be in [{low:g}, {high:g}{')' if high_open else ']'}"
+    return None
+
+
+def _number(name: str, value: Any) -> float:
+    problem = number_problem(name, value)
+    if problem is not None:
+        raise SlimsegError(f"{name} {problem}, got {value!r}")
     return float(value)
 
 
@@ -73,13 +93,13 @@ def check_generator_options(
     if output_mode not in OUTPUT_MODES:
         raise SlimsegError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
     _integer("points_per_batch", points_per_batch, 1)
-    _number("pred_iou_thresh", pred_iou_thresh, 0.0, 1.0)
-    _number("stability_score_thresh", stability_score_thresh, 0.0, 1.0)
-    _number("stability_score_offset", stability_score_offset, 0.0, math.inf)
-    _number("box_nms_thresh", box_nms_thresh, 0.0, 1.0)
-    _number("crop_nms_thresh", crop_nms_thresh, 0.0, 1.0)
-    _number("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
-    _number("min_mask_region_area", min_mask_region_area, 0.0, math.inf)
+    _number("pred_iou_thresh", pred_iou_thresh)
+    _number("stability_score_thresh", stability_score_thresh)
+    _number("stability_score_offset", stability_score_offset)
+    _number("box_nms_thresh", box_nms_thresh)
+    _number("crop_nms_thresh", crop_nms_thresh)
+    _number("crop_overlap_ratio", crop_overlap_ratio)
+    _number("min_mask_region_area", min_mask_region_area)
     layers = _integer("crop_n_layers", crop_n_layers, 0) + 1
     factor = _integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
     if point_proposer is not None and not callable(point_proposer):
