@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 import slimseg
 from slimseg.cli.app import app
 from slimseg.data.synthetic import write_sa1b_folder
+from slimseg.modeling.lite_sam import LiteSam
+from test_train import tiny_lite_sam_config
 
 runner = CliRunner()
 
@@ -84,16 +86,44 @@ def test_distill_and_resume_from_the_command_line(teacher_path, sa1b, tmp_path):
         (["prune", "--ratio", "0.5", "--data", "NOWHERE", "--out", "OUT"], "nowhere: no such folder", 1),
         (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "RUN", "--resume"], "nothing to resume", 1),
         (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "RUN", "--align", "x"], "--align", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "DIRSAFE"], "is a folder: give a file name", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "UNDERFILE"], "is a file, not a folder", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--importance", "taylor"],
+         "--importance taylor needs a student that differs from its teacher", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--model", "LITE"], "pruning needs a SAM", 2),
+        (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "FILE"], "is a file: give a folder", 2),
+        (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "DATA"], "--resume", 2),
     ],
 )
 def test_bad_compression_input_gives_one_line(teacher_path, sa1b, tmp_path, args, fragment, code):
     replacements = {"DATA": str(sa1b), "OUT": str(tmp_path / "o.safetensors"), "NOWHERE": str(tmp_path / "nowhere"),
                     "STUDENT": str(teacher_path), "RUN": str(tmp_path / "run")}
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "file.txt").write_text("notes")
+    replacements.update({"DIRSAFE": str(tmp_path / "dir.safetensors"), "FILE": str(tmp_path / "file.txt"),
+                         "UNDERFILE": str(tmp_path / "file.txt" / "x.safetensors")})
+    if "LITE" in args:
+        replacements["LITE"] = str(slimseg.save_model(LiteSam(tiny_lite_sam_config()), tmp_path / "lite.safetensors"))
+    before = sorted(p.name for p in sa1b.iterdir())
     args = [replacements.get(a, a) for a in args]
     if args[0] == "prune":
-        args += ["--model", str(teacher_path)]
+        args += [] if "--model" in args else ["--model", str(teacher_path)]
     else:
         args += ["--teacher", str(teacher_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == code, result.output
     assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert "sigma" not in result.stderr and "internal error" not in result.stderr
+    assert sorted(p.name for p in sa1b.iterdir()) == before  # nothing written into --data
+    assert not (tmp_path / "o.work").exists()  # refused before any pruning step
+
+
+def test_distill_refuses_to_overwrite_a_finished_run(teacher_path, sa1b, tmp_path):
+    common = ["distill", "--student", str(teacher_path), "--teacher", str(teacher_path), "--data", str(sa1b),
+              "--out", str(tmp_path / "run"), "--batch-size", "2", "--grad-accum", "1", "--epochs", "1"]
+    assert runner.invoke(app, common).exit_code == 0
+    finished = (tmp_path / "run" / "last.ckpt").read_bytes()
+    again = runner.invoke(app, common)
+    assert again.exit_code == 2, again.output
+    assert "last.ckpt" in again.stderr and "--resume" in again.stderr
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() == finished

@@ -186,6 +186,22 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     (not_coco / "annotations" / "instances_val2017.json").write_text('{"images": []}')
     no_images = copy("no_images")
     (no_images / "val2017" / "000000000107.jpg").unlink()
+    def broken(name: str, change) -> Path:
+        target = copy(name)
+        path = target / "annotations" / "instances_val2017.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+        return target
+
+    null_area = broken("null_area", lambda d: d["annotations"][0].update(area=None))
+    text_width = broken("text_width", lambda d: d["images"][0].update(width="abc"))
+    rle = next(a for a in json.loads((root / "annotations" / "instances_val2017.json").read_text())["annotations"]
+               if isinstance(a["segmentation"], dict))
+    rle_size = broken("rle_size", lambda d: next(a for a in d["annotations"] if a["id"] == rle["id"])
+                      ["segmentation"].update(size=[10, 10]))
+    wrong_size = broken("wrong_size", lambda d: d["images"][1].update(height=321))
+    no_image = broken("no_image_listed", lambda d: d.update(images=[], annotations=[]))
     bad_dets = tmp_path / "dets.json"
     bad_dets.write_text('[{"image_id": 999, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]')
     base = ["--prompt", "box"]
@@ -203,6 +219,12 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
         "no detections": (["--coco-root", str(root), "--prompt", "detections"], "needs --detections"),
         "bad limit": (["--coco-root", str(root), *base, "--limit", "0"], "--limit 0"),
         "bad split": (["--coco-root", str(root), *base, "--split", "../val2017"], "--split"),
+        "null area": (["--coco-root", str(null_area), *base], "has area None"),
+        "text width": (["--coco-root", str(text_width), *base], "image 100 has width 'abc'"),
+        "rle size": (["--coco-root", str(rle_size), *base], f"annotation {rle['id']} has RLE size [10, 10]"),
+        "image size": (["--coco-root", str(wrong_size), *base], "image is 240x320 but"),
+        "no images listed": (["--coco-root", str(no_image), *base], "lists no images"),
+        "bad sampler": (["--coco-root", str(root), "--prompt", "everything", "--sampler", "bogus"], "--sampler"),
     }
 
 
@@ -213,7 +235,43 @@ def test_bad_inputs_give_one_line_and_no_report(coco_root, model_path, tmp_path)
                                      "--out", str(out)])
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.exit_code in (1, 2) and len(lines) == 1 and fragment in lines[0], (name, result.stderr)
+        assert "internal error" not in lines[0], name
         assert not out.exists() and not result.stdout.strip(), name
+        assert not out.with_suffix(".images").exists(), name
+        if name == "bad sampler":
+            assert result.exit_code == 2
+
+
+def test_unwritable_out_is_refused_before_evaluating(coco_root, model_path, tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "file.txt").write_text("notes")
+    for out, fragment in ((tmp_path / "folder.json", "is a folder: give a file name"),
+                          (tmp_path / "file.txt" / "r.json", "is a file, not a folder")):
+        result = evaluate(coco_root, model_path, "--prompt", "box", "--out", str(out), expect=2)
+        assert fragment in result.stderr and "internal error" not in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder.json"]
+
+
+def test_no_detections_score_like_cocoeval(coco_root):
+    """No results: 0 where a range has ground truth, -1 where it has none (as COCOeval says)."""
+    from slimseg.data.coco import load_coco_split
+    from slimseg.evaluation.coco.scoring import average_recall, segm_ap
+
+    split = load_coco_split(coco_root, "val2017")
+    small_only = {"images": [split.image(114)], "categories": split.categories,
+                  "annotations": [dict(a) for a in split.annotations[114] if a["area"] < 32**2]}
+    assert small_only["annotations"]
+    path = coco_root.parent / "small_only.json"
+    path.write_text(json.dumps(small_only))
+    # a detection that matches nothing gives COCOeval's own numbers for "nothing found"
+    miss = [{"image_id": 114, "category_id": 1, "score": 0.5,
+             "segmentation": mask_utils.encode(np.asfortranarray(np.zeros((80, 106), np.uint8)))}]
+    miss[0]["segmentation"]["counts"] = miss[0]["segmentation"]["counts"].decode()
+    ap, ar = segm_ap(small_only, []), average_recall(small_only, [])
+    assert list(ap.values()) == pytest.approx(direct_cocoeval(path, [dict(miss[0])], use_cats=True)[:6].tolist())
+    assert list(ar.values()) == pytest.approx(
+        direct_cocoeval(path, [dict(miss[0])], use_cats=False, max_dets=[10, 100, 1000])[6:12].tolist())
+    assert ap["AP_small"] == 0.0 and ap["AP_large"] == -1.0
 
 
 def test_torchrun_shards_images_and_merges(coco_root, model_path, tmp_path):

@@ -175,14 +175,27 @@ def test_train_from_the_command_line(folders, tmp_path) -> None:
     (["--data", "{missing}"], "no such folder", 1),
     (["--data", "{plain}"], "not SA-1B layout", 1),
     (["--resume"], "last.ckpt", 1),
+    (["--resume", "-m", "lite-sam"], "last.ckpt", 1),  # and no "random initialisation" line
+    (["--out", "{file}"], "is a file: give a folder", 2),
+    (["--out", "{file}/run"], "is a file, not a folder", 2),
+    (["--out", "{plain}"], "not empty", 2),
+    (["--data", "{empty}"], "--data", 1),
+    (["--val", "{empty}"], "--val", 1),
+    (["--val", "{empty}", "--stage", "autoppn"], "no image has an annotated object", 1),
 ])
 def test_bad_training_input_gives_one_line(folders, tmp_path, args, fragment, code) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()
     slimseg.io.write_image_png(plain / "a.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    (tmp_path / "file.txt").write_text("notes")
+    empty = tmp_path / "empty"
+    write_sa1b_folder(empty, 2, size=(96, 128), seed=3)
+    for labels in empty.glob("*.json"):
+        labels.write_text(json.dumps({**json.loads(labels.read_text()), "annotations": []}))
     model = slimseg.save_model(LiteSam(tiny_lite_sam_config()), tmp_path / "lite.safetensors")
     base = {"-m": str(model), "--data": str(folders[0]), "--out": str(tmp_path / "run"), "--device": "cpu"}
-    options = [a.format(missing=tmp_path / "missing", plain=plain) for a in args]
+    options = [a.format(missing=tmp_path / "missing", plain=plain, file=tmp_path / "file.txt", empty=empty)
+               for a in args]
     for flag, value in base.items():
         if flag not in options:
             options += [flag, value]
@@ -191,3 +204,21 @@ def test_bad_training_input_gives_one_line(folders, tmp_path, args, fragment, co
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert not (tmp_path / "run" / "final.safetensors").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any epoch
+    assert sorted(p.name for p in plain.iterdir()) == ["a.png"]
+
+
+def test_mask_training_repeats_exactly_with_the_same_seed(folders, tmp_path) -> None:
+    model_path = slimseg.save_model(LiteSam(tiny_lite_sam_config()), tmp_path / "lite.safetensors")
+    data = SA1BDataset(folders[0], img_size=128)
+
+    def losses(run: str, seed: int) -> list[float]:
+        config = DistillConfig(epochs=1, batch_size=2, grad_accum=1, lr=1e-3, log_every=1, seed=seed)
+        train(slimseg.load_model(model_path, device="cpu"), data, tmp_path / run, config, stage="masks", max_masks=1)
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["mask_loss"] for r in records if r["kind"] == "step"]
+
+    torch.manual_seed(1)  # whatever the global random state, --seed alone decides
+    first = losses("a", seed=5)
+    torch.manual_seed(2)
+    assert losses("b", seed=5) == first

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, console, user_errors
+from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, check_output_path, console, user_errors
 from slimseg.errors import SlimsegError, UsageError
 
 _stdout = Console(soft_wrap=True, highlight=False)
@@ -21,8 +21,7 @@ _stdout = Console(soft_wrap=True, highlight=False)
 
 def _check_json_target(path: Path) -> None:
     """Fail before minutes of measuring, not after: the folder must exist already."""
-    if path.is_dir():
-        raise SlimsegError(f"--json {path}: is a folder, give a file name")
+    check_output_path(path, "--json", folder=False)
     if not path.parent.is_dir():
         raise SlimsegError(f"--json {path}: folder {path.parent} does not exist")
 

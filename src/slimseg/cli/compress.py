@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, console, user_errors
+from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, check_output_path, console, user_errors
 from slimseg.errors import UsageError
 from slimseg.modeling.sam import Sam
 from slimseg.zoo import load_model, save_model
@@ -37,16 +37,31 @@ def device_for_rank(device: str) -> str:
     return device
 
 
-def starting_model(name_or_path: str, device: torch.device, offline: bool):
+def starting_model(name_or_path: str, device: torch.device, offline: bool, resume: bool = False):
     """A checkpoint, a registered model's weights, or - for a registered architecture without
-    published weights (lite-sam) - a random initialisation, said on stderr."""
+    published weights (lite-sam) - a random initialisation, said on stderr unless ``resume``
+    is about to replace it with last.ckpt's weights."""
     from slimseg.zoo import build_model
     from slimseg.zoo.registry import get_spec, is_model_name
 
     if is_model_name(name_or_path) and get_spec(name_or_path).weights is None and not Path(name_or_path).exists():
-        console.print(f"slimseg: {name_or_path} has no published weights: starting from random initialisation")
+        if not resume:
+            console.print(f"slimseg: {name_or_path} has no published weights: starting from random initialisation")
         return build_model(name_or_path, device=device)
     return load_model(name_or_path, device=device, offline=offline)
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """A fresh run must not overwrite a finished one (last.ckpt, best.safetensors, ...) nor
+    write into a folder of other files, such as the --data images it would then train on."""
+    check_output_path(out, folder=True)
+    if resume or not out.is_dir():
+        return
+    present = sorted(entry.name for entry in out.iterdir())
+    if present:
+        what = "a run (last.ckpt)" if "last.ckpt" in present else f"{len(present)} file(s), e.g. {present[0]}"
+        raise UsageError(f"--out {out}: folder is not empty (it holds {what}); give --resume to continue a run, "
+                         "or an empty or new folder")
 
 
 def _summary(label: str, model: Sam) -> dict:
@@ -78,7 +93,7 @@ def prune(
     val: ValOption = None,
     mode: Annotated[str, typer.Option("--mode", help="local: the same ratio in every block (uniform widths); global: blocks ranked together (widths differ per block).")] = "local",
     stage: Annotated[str, typer.Option("--stage", help="embedding, bottleneck, or both (SlimSAM's alternate slimming).")] = "both",
-    importance: Annotated[str, typer.Option("--importance", help="disturbed-taylor, taylor, magnitude or random.")] = "disturbed-taylor",
+    importance: Annotated[str, typer.Option("--importance", help="disturbed-taylor, magnitude or random (taylor, without the noise, has a zero gradient in every step of this pipeline and is refused).")] = "disturbed-taylor",
     grad_images: Annotated[int, typer.Option("--grad-images", min=1, help="Images whose gradients rank the channels (Taylor criteria).")] = 1000,
     distill_epochs: Annotated[int, typer.Option("--distill-epochs", min=0, help="Distillation epochs after each pruning step; 0 prunes only.")] = 20,
     batch_size: BatchOption = 1,
@@ -93,7 +108,7 @@ def prune(
     """Prune a SAM image encoder the SlimSAM way and save the exact pruned architecture."""
     from slimseg.compress.distill import DistillConfig
     from slimseg.compress.importance import IMPORTANCE_CHOICES
-    from slimseg.compress.slimming import STAGE_CHOICES, SlimmingPlan, alternate_slimming
+    from slimseg.compress.slimming import STAGE_CHOICES, SlimmingPlan, alternate_slimming, check_prunable
     from slimseg.devices import resolve_device
 
     with user_errors():
@@ -103,8 +118,16 @@ def prune(
                                      ("--importance", importance, IMPORTANCE_CHOICES)):
             if value not in choices:
                 raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+        if importance == "taylor":
+            # each step's reference is the model it prunes, so the noiseless gradient is zero
+            raise UsageError("--importance taylor needs a student that differs from its teacher, and each pruning "
+                             "step starts from a copy of it: use --importance disturbed-taylor (the default), "
+                             "magnitude or random")
+        check_output_path(out, folder=False)
+        check_output_path(out.parent / f"{out.stem}.work", "--out", folder=True)
         target = resolve_device(device_for_rank(device))
         teacher = load_model(model, device=target, offline=offline)
+        check_prunable(teacher, f"--model {model}")
         train, val_set = _datasets(data, val, teacher.img_size, limit)
         plan = SlimmingPlan(ratio=ratio, stage=stage, mode=mode, importance=importance, grad_images=grad_images,
                             distill_epochs=distill_epochs,
@@ -156,9 +179,10 @@ def distill(
     with user_errors():
         if align not in ALIGN_CHOICES:
             raise UsageError(f"--align {align!r}: choose one of {', '.join(ALIGN_CHOICES)}")
+        check_run_folder(out, resume)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
-        student_model = starting_model(student, target, offline)
+        student_model = starting_model(student, target, offline, resume)
         teacher_model = load_model(teacher, device=target, offline=offline)
         train, val_set = _datasets(data, val, student_model.img_size, limit, teacher_img_size=teacher_model.img_size)
         config = DistillConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, amp=amp,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, console, user_errors
+from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, check_output_path, console, user_errors
 from slimseg.errors import UsageError
 from slimseg.io import atomic_write_text
 
@@ -67,12 +68,25 @@ def _settings(split, prompt: Prompt, model: str, detections: Optional[Path], eve
 def _results_folder(out: Optional[Path], world: int) -> Iterator[Path]:
     """``<out stem>.images`` beside the report; without ``--out`` a temporary folder (no resume)."""
     if out is not None:
-        yield out.with_suffix(".images")
+        folder = out.with_suffix(".images")
+        existed = folder.exists()
+        try:
+            yield folder
+        except BaseException:
+            # a run that failed before finishing any image leaves nothing behind; finished
+            # images stay for the rerun to resume
+            if not existed and folder.is_dir() and not _has_results(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         return
     if world > 1:
         raise UsageError("under torchrun give --out FILE: the processes share per-image results beside it")
     with tempfile.TemporaryDirectory(prefix="slimseg-eval-coco-") as folder:
         yield Path(folder) / "images"
+
+
+def _has_results(folder: Path) -> bool:
+    return any(part.stat().st_size > 0 for part in folder.glob("part-*.jsonl"))
 
 
 @contextlib.contextmanager
@@ -137,6 +151,7 @@ def eval_coco(
     from the per-image results beside --out.
     """
     from slimseg.compress.distributed import init_distributed_from_env
+    from slimseg.inference.everything.options import SAMPLERS
 
     with user_errors(), _process_group():
         if prompt is Prompt.detections and detections is None:
@@ -145,6 +160,10 @@ def eval_coco(
             raise UsageError(f"--detections is only used with --prompt detections, not {prompt.value}")
         if limit is not None and limit < 1:
             raise UsageError(f"--limit {limit}: must be a positive number of images")
+        if sampler not in SAMPLERS:
+            raise UsageError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if out is not None:
+            check_output_path(out, folder=False)
         rank, world = init_distributed_from_env()
         with _results_folder(out, world) as folder:
             report = _evaluate(coco_root, split, model, prompt, detections, limit, out, restart, folder, rank, world,

@@ -11,8 +11,18 @@ from typing import Annotated, Optional
 import typer
 
 from slimseg.cli.common import DeviceOption, OfflineOption, console, user_errors
-from slimseg.cli.compress import AccumOption, AmpOption, BatchOption, LimitOption, LrOption, WorkersOption, device_for_rank, starting_model
-from slimseg.errors import UsageError
+from slimseg.cli.compress import AccumOption, AmpOption, BatchOption, LimitOption, LrOption, WorkersOption, check_run_folder, device_for_rank, starting_model
+from slimseg.errors import SlimsegError, UsageError
+
+
+def _check_annotated(option: str, dataset) -> None:
+    """A folder without a single annotated object cannot train or validate anything: say so
+    before an epoch is spent (and not as a metric's internal complaint)."""
+    for index in range(len(dataset)):
+        if dataset.annotation_count(index) > 0:
+            return
+    raise SlimsegError(f"{option} {dataset.root}: no image has an annotated object with a point prompt "
+                       "(every sa_*.json annotation list is empty or unreadable)")
 
 
 def train(
@@ -48,11 +58,15 @@ def train(
     with user_errors():
         if stage not in TRAIN_STAGES:
             raise UsageError(f"--stage {stage!r}: choose one of {', '.join(TRAIN_STAGES)}")
+        check_run_folder(out, resume)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
-        start = starting_model(model, target, offline)
+        start = starting_model(model, target, offline, resume)
         train_set = SA1BDataset(data, img_size=start.img_size, limit=limit)
+        _check_annotated("--data", train_set)
         val_set = SA1BDataset(val, img_size=start.img_size) if val else None
+        if val_set is not None:
+            _check_annotated("--val", val_set)
         config = DistillConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, amp=amp,
                                seed=seed, num_workers=workers)
         trained, result = run_training(start, train_set, out, config, stage=stage, val=val_set, resume=resume,

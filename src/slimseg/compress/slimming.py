@@ -23,7 +23,7 @@ from slimseg.compress.distill import DistillConfig, distill
 from slimseg.compress.importance import GRADIENT_IMPORTANCES, accumulate_disturbed_gradients, make_importance
 from slimseg.compress.prune import PruneReport, prune_image_encoder
 from slimseg.data.datasets import collate_images
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.modeling.sam import Sam
 
 STAGE_CHOICES = ("embedding", "bottleneck", "both")
@@ -71,6 +71,16 @@ def _gradient_batches(data: Dataset, limit: int, device: torch.device,
             progress.advance(task)
 
 
+def check_prunable(model: Sam, name: str = "the model") -> None:
+    """Only SAM's ViT encoder can be pruned; say so before the minutes of gradients."""
+    from slimseg.modeling.sam.image_encoder import ImageEncoderViT
+
+    encoder = getattr(model, "image_encoder", None)
+    if not isinstance(encoder, ImageEncoderViT):
+        raise UsageError(f"{name}: pruning needs a SAM or SlimSAM model (ViT image encoder), "
+                         f"not one with a {type(encoder).__name__} encoder")
+
+
 def alternate_slimming(
     teacher: Sam,
     data: Dataset,
@@ -89,6 +99,12 @@ def alternate_slimming(
     stages = plan.stages()
     if plan.grad_images < 1:
         raise SlimsegError(f"--grad-images must be >= 1, got {plan.grad_images}")
+    if plan.importance == "taylor":
+        # Each step's reference is a copy of the model it prunes, so the noiseless gradient is
+        # zero in every step; refuse before the gradient pass rather than after it.
+        raise SlimsegError("importance 'taylor' has a zero gradient here (each pruning step's reference equals "
+                           "the model it prunes): use disturbed-taylor, magnitude or random")
+    check_prunable(teacher)
     teacher = teacher.to(device).eval()
     student = copy.deepcopy(teacher)
     reports = []

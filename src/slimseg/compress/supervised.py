@@ -8,6 +8,7 @@ size, ``"annotations"`` with each mask, its point and box, ``"original_size"``).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -87,18 +88,31 @@ class MaskSupervision(nn.Module):
 
     part_names = ("mask", "iou", "heatmap")
 
-    def __init__(self, model: nn.Module, max_masks: int = 16, heatmap_weight: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, max_masks: int = 16, heatmap_weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         if max_masks < 1:
             raise SlimsegError(f"max_masks must be >= 1, got {max_masks}")
         self.model, self.max_masks, self.heatmap_weight = model, max_masks, heatmap_weight
         self.transform = ResizeLongestSide(model.img_size)
+        self.seed, self.epoch, self._seen = seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch: the masks drawn depend only on
+        (seed, epoch, image), so a run repeats with the same seed and resumes exactly."""
+        self.epoch, self._seen = epoch, 0
+
+    def _choose(self, count: int, image_key: str) -> list[int]:
+        """Indices of up to ``max_masks`` of ``count`` annotations, from a generator of their own
+        (not the global RNG, which --seed does not set and other code draws from)."""
+        key = zlib.crc32(f"{self.seed}:{self.epoch}:{image_key}".encode())
+        generator = torch.Generator().manual_seed(key)
+        return torch.randperm(count, generator=generator)[: self.max_masks].tolist()
 
     def _prompted(self, embedding: torch.Tensor, annotations: list[Annotation],
-                  original_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  original_size: tuple[int, int], image_key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask loss, IoU loss) summed over this image's prompted masks."""
         model, device = self.model, embedding.device
-        chosen = [annotations[i] for i in torch.randperm(len(annotations))[: self.max_masks].tolist()]
+        chosen = [annotations[i] for i in self._choose(len(annotations), image_key)]
         pe = model.prompt_encoder.get_dense_pe()
         mask_total = embedding.new_zeros(())
         iou_total = embedding.new_zeros(())
@@ -131,9 +145,12 @@ class MaskSupervision(nn.Module):
         mask_total = iou_total = embeddings.sum() * 0.0  # keeps a graph when no image has masks
         prompted = 0
         for index, image_annotations in enumerate(batch["annotations"]):
+            # the image's path names it whatever the batching; items without one are counted
+            image_key = str(batch["path"][index]) if "path" in batch else f"#{self._seen}"
+            self._seen += 1
             if image_annotations:
                 masks, ious = self._prompted(embeddings[index : index + 1], image_annotations,
-                                             tuple(batch["original_size"][index]))
+                                             tuple(batch["original_size"][index]), image_key)
                 mask_total, iou_total = mask_total + masks, iou_total + ious
                 prompted += min(len(image_annotations), self.max_masks)
         mask_term, iou_term = mask_total / max(prompted, 1), iou_total / max(prompted, 1)

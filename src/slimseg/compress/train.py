@@ -108,7 +108,7 @@ def train(
             objective, trained = HeatmapSupervision(model), model.autoppn
         else:
             model.requires_grad_(True)
-            objective, trained = MaskSupervision(model, max_masks, heatmap_weight), model
+            objective, trained = MaskSupervision(model, max_masks, heatmap_weight, seed=config.seed), model
         task = TrainingTask(kind=stage, model=model, objective=objective, trained=trained,
                             validate=_validator(stage, val, config.val_limit) if val is not None else None,
                             val_name="miou" if stage == "masks" else "recall",

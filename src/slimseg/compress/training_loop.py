@@ -166,6 +166,9 @@ class _Run:
         self.progress.start_epoch(epoch, config.epochs, math.ceil(len(loader) / config.grad_accum),
                                   optimizer.param_groups[0]["lr"])
         weight = task.weight_for_epoch(epoch)
+        set_epoch = getattr(task.objective, "set_epoch", None)
+        if set_epoch is not None:  # objectives that draw at random do it from (seed, epoch)
+            set_epoch(epoch)
 
         def on_log(at_step: int, loss: float, parts: dict[str, float | None], images_per_s: float) -> None:
             current_lr = optimizer.param_groups[0]["lr"]

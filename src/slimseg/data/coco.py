@@ -7,6 +7,7 @@ Every problem with the layout, the annotation file or a detections results file 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,24 @@ class CocoSplit:
         if missing:
             raise SlimsegError(f"{self.image_dir}: {len(missing)} of {len(chosen)} image file(s) listed in "
                                f"{self.annotation_file.name} are missing (first: {missing[0]})")
+        for image in chosen:
+            self._check_size(image)
         return chosen
+
+    def _check_size(self, image: dict) -> None:
+        """The file's size (from its header, stored or EXIF-rotated) must be the annotated one,
+        or the masks would not fit its pixels; ``read_coco_image`` would only find out mid-run."""
+        path = self.image_path(image)
+        try:
+            with Image.open(path) as raw:
+                width, height = raw.size
+                rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise SlimsegError(f"{path}: cannot read image ({error})") from None
+        sizes = {(width, height), (height, width)} if rotated else {(width, height)}
+        if (image["width"], image["height"]) not in sizes:
+            raise SlimsegError(f"{path}: image is {width}x{height} but {self.annotation_file.name} says "
+                               f"{image['width']}x{image['height']} (image {image['id']})")
 
     def ground_truth(self, image_ids: Iterable[int]) -> dict:
         """A COCO ground-truth dict limited to ``image_ids``, with copies of the annotations
@@ -103,15 +121,18 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise SlimsegError(f"{annotation_file}: not a COCO instances file (no '{key}' list)")
-    images = [_checked(annotation_file, "image", image, _IMAGE_KEYS) for image in data["images"]]
+    if not data["images"]:
+        raise SlimsegError(f"{annotation_file}: lists no images (the 'images' list is empty)")
+    images = [_checked_image(annotation_file, image) for image in data["images"]]
     known = {image["id"]: image for image in images}
     annotations: dict[int, list[dict]] = {image_id: [] for image_id in known}
     for raw in data["annotations"]:
         annotation = _checked(annotation_file, "annotation", raw, _ANNOTATION_KEYS)
-        image = known.get(annotation["image_id"])
+        image = known.get(_hashable(annotation["image_id"]))
         if image is None:
             raise SlimsegError(f"{annotation_file}: annotation {annotation['id']} refers to image "
                                f"{annotation['image_id']}, which is not in 'images'")
+        _check_annotation_fields(annotation_file, annotation, image)
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation:
             annotation["area"] = float(annotation_mask(annotation, image["height"], image["width"]).sum())
@@ -190,6 +211,67 @@ def _checked(path: Path, kind: str, entry: Any, keys: tuple[str, ...]) -> dict:
     if missing:
         raise SlimsegError(f"{path}: {kind} {entry.get('id', '?')} has no {', '.join(repr(k) for k in missing)}")
     return dict(entry)
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a positive whole number (640 or 640.0), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        return None
+    return int(value)
+
+
+def _checked_image(path: Path, entry: Any) -> dict:
+    """An entry of 'images' with every field the evaluation reads of the right type."""
+    image = _checked(path, "image", entry, _IMAGE_KEYS)
+    name = f"{path}: image {image['id']!r}"
+    if _hashable(image["id"]) is None:
+        raise SlimsegError(f"{name} has id {image['id']!r}, expected a whole number")
+    if not isinstance(image["file_name"], str) or not image["file_name"]:
+        raise SlimsegError(f"{name} has file_name {image['file_name']!r}, expected a file name")
+    for key in ("height", "width"):
+        size = _count(image[key])
+        if size is None:
+            raise SlimsegError(f"{name} has {key} {image[key]!r}, expected a positive whole number")
+        image[key] = size
+    return image
+
+
+def _check_annotation_fields(path: Path, annotation: dict, image: dict) -> None:
+    """Types and shapes of what scoring reads, so a bad file fails at load, not mid-run."""
+    name = f"{path}: annotation {annotation['id']!r}"
+    bbox = annotation["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise SlimsegError(f"{name} has bbox {bbox!r}, expected [x, y, w, h]")
+    if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
+        raise SlimsegError(f"{name} has area {annotation['area']!r}, expected a number >= 0")
+    if annotation.get("iscrowd", 0) not in (0, 1):
+        raise SlimsegError(f"{name} has iscrowd {annotation['iscrowd']!r}, expected 0 or 1")
+    segmentation = annotation["segmentation"]
+    if isinstance(segmentation, list):
+        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segmentation):
+            raise SlimsegError(f"{name} has a segmentation polygon that is not a list of numbers")
+        return
+    if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
+        raise SlimsegError(f"{name} has a segmentation that is neither polygons nor RLE (size, counts)")
+    size = segmentation["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(v) is not None for v in size)):
+        raise SlimsegError(f"{name} has RLE size {size!r}, expected [height, width]")
+    if [int(v) for v in size] != [image["height"], image["width"]]:
+        raise SlimsegError(f"{name} has RLE size {size!r} but its image {image['id']!r} is "
+                           f"{image['height']}x{image['width']} (height x width)")
+    if not isinstance(segmentation["counts"], (str, list)):
+        raise SlimsegError(f"{name} has RLE counts of type {type(segmentation['counts']).__name__}, "
+                           "expected a string or a list")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_coco_image(split: CocoSplit, image: dict) -> np.ndarray:

@@ -174,6 +174,18 @@ class SA1BDataset(ImageFolderDataset):
         item["skipped_annotations"] = skipped
         return item
 
+    def annotation_count(self, index: int) -> int:
+        """Masks with a point prompt listed in the JSON of image ``index`` (0 when it cannot be
+        read): a quick check that a folder has anything to learn from, without the images."""
+        try:
+            data = json.loads(self.paths[index].with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return 0
+        records = data.get("annotations") if isinstance(data, dict) else None
+        if not isinstance(records, list):
+            return 0
+        return sum(1 for record in records if isinstance(record, dict) and record.get("point_coords"))
+
 
 def read_sa1b_annotations(path: Path, image_size: tuple[int, int]) -> tuple[list[Annotation], int]:
     """Parse an SA-1B JSON file.

@@ -93,6 +93,20 @@ def _evaluate(ground_truth: dict, results: list[dict], use_cats: bool, max_dets:
     return np.asarray(evaluator.stats, dtype=float)
 
 
+def _without_results(ground_truth: dict, keys: Sequence[str]) -> dict:
+    """What COCOeval reports for no results at all (it cannot load an empty list): 0 for a
+    metric whose area range holds ground truth, -1 for one whose range holds none (the
+    non-crowd annotations with COCOeval's inclusive area bounds decide)."""
+    bounds = {"small": (0, SMALL_MAX), "medium": (SMALL_MAX, LARGE_MIN), "large": (LARGE_MIN, float("inf"))}
+    areas = [float(a["area"]) for a in ground_truth["annotations"] if not a.get("iscrowd", 0)]
+
+    def value(key: str) -> float:
+        low, high = next((bounds[name] for name in AREA_RANGES if f"_{name}" in key), (0, float("inf")))
+        return 0.0 if any(low <= area <= high for area in areas) else -1.0
+
+    return {key: value(key) for key in keys}
+
+
 def average_recall(ground_truth: dict, results: list[dict]) -> dict:
     """Class-agnostic average recall of mask proposals (COCOeval segm, ``useCats=0``).
 
@@ -108,7 +122,7 @@ def average_recall(ground_truth: dict, results: list[dict]) -> dict:
     """
     keys = [f"AR@{k}" for k in PROPOSAL_MAX_DETS] + [f"AR_{r}@{PROPOSAL_MAX_DETS[-1]}" for r in AREA_RANGES]
     if not results:
-        return dict.fromkeys(keys, 0.0)
+        return _without_results(ground_truth, keys)
     stats = _evaluate(ground_truth, results, use_cats=False, max_dets=PROPOSAL_MAX_DETS)
     return dict(zip(keys, stats[6:12].tolist()))
 
@@ -117,10 +131,11 @@ def segm_ap(ground_truth: dict, results: list[dict]) -> dict:
     """COCO mask AP with the results' own categories and scores (COCOeval segm, standard settings).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"}``, 0..1.
+        ``{"AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"}``, 0..1 (-1 where COCOeval
+        has no ground truth in a range).
     """
     keys = ["AP", "AP50", "AP75", *(f"AP_{r}" for r in AREA_RANGES)]
     if not results:
-        return dict.fromkeys(keys, 0.0)
+        return _without_results(ground_truth, keys)
     stats = _evaluate(ground_truth, results, use_cats=True, max_dets=None)
     return dict(zip(keys, stats[:6].tolist()))
