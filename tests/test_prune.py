@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import random_tiny_model, tiny_config
 
 import slimseg
 from slimseg.compress.importance import accumulate_disturbed_gradients, make_importance
@@ -159,6 +159,39 @@ def test_global_bottleneck_gives_unequal_widths_in_head_multiples() -> None:
     assert report.rel_pos_reset_blocks == ()
     assert_config_matches(model, report)
     assert embed(model, images(1)[0]).shape == (1, 256, 16, 16)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "random"])
+@pytest.mark.parametrize("stage", ["bottleneck", "both"])
+@pytest.mark.parametrize("mode", ["local", "global"])
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 0.88, 0.9])
+def test_kept_widths_meet_the_budget_at_every_ratio(ratio, mode, stage, importance) -> None:
+    # Global pruning at 0.88-0.9 used to leave whole blocks (q/k [48, 12, 4, 4]) and overshoot.
+    model = random_tiny_model(0)
+    torch.manual_seed(0)
+    criterion = make_importance(importance, normalizer="gaussian" if mode == "global" else "mean")
+    for step in ("embedding", "bottleneck") if stage == "both" else ("bottleneck",):
+        prune_image_encoder(model, ratio, step, mode=mode, importance=criterion)
+    embedding, qk, v, mlp = widths(model)
+    assert qk == v and all(w % 4 == 0 and w > 0 for w in qk + mlp)
+    scopes = ([[embedding], 48],) if stage == "both" else ()
+    for kept, width in scopes + ((qk, 48), (mlp, 96)):
+        # Rounding to the 4 heads may cost under 4 channels of each budget: every block's own
+        # budget when local, the blocks' shared one when global.
+        budgets = [(k, width * (1 - ratio)) for k in kept] if mode == "local" else [
+            (sum(kept), width * len(kept) * (1 - ratio))]
+        for total, budget in budgets:
+            assert budget - 4 < total <= budget + 1e-9, (kept, ratio)
+
+
+def test_global_ratio_beyond_the_per_block_floors_names_the_highest_reachable() -> None:
+    model = tiny_model()
+    # 4 blocks x 1 of 12 q/k/v offsets must stay: at most 1 - 4/48 = 0.91666 can go.
+    with pytest.raises(SlimsegError, match=r"highest reachable ratio is 0\.9166$"):
+        prune_image_encoder(model, 0.92, "bottleneck", mode="global")
+    assert widths(model) == (48, [48] * 4, [48] * 4, [96] * 4)
+    prune_image_encoder(model, 0.9166, "bottleneck", mode="global")
+    assert widths(model)[1] == [4] * 4 and sum(widths(model)[3]) == 32
 
 
 def test_ratio_zero_changes_nothing() -> None:
