@@ -49,21 +49,31 @@ def _numbers(text: str, what: str, counts: Sequence[int]) -> list[float]:
     return values
 
 
+def _ordered_box(numbers: Sequence[float], malformed: str) -> tuple[float, float, float, float]:
+    """Four numbers as a box, which needs x1 > x0 and y1 > y0; ``malformed`` starts the error."""
+    x0, y0, x1, y1 = numbers
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{malformed}: need x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
+
+def _labelled_point(numbers: Sequence[float], malformed: str) -> tuple[float, float, int]:
+    """x, y and an optional label (1 = foreground, the default, or 0 = background)."""
+    label = numbers[2] if len(numbers) == 3 else 1.0
+    if label not in (0.0, 1.0):
+        raise UsageError(f"{malformed}: label must be 1 (foreground) or 0 (background)")
+    return numbers[0], numbers[1], int(label)
+
+
 def parse_box(text: str, name: str = "--box") -> tuple[float, float, float, float]:
     """``"x0,y0,x1,y1"`` in pixels → a box; x1 > x0 and y1 > y0 are required."""
-    x0, y0, x1, y1 = _numbers(text, f"{name} (expected x0,y0,x1,y1 in pixels)", (4,))
-    if x1 <= x0 or y1 <= y0:
-        raise UsageError(f"malformed {name} {text!r}: need x1 > x0 and y1 > y0")
-    return x0, y0, x1, y1
+    return _ordered_box(_numbers(text, f"{name} (expected x0,y0,x1,y1 in pixels)", (4,)), f"malformed {name} {text!r}")
 
 
 def parse_point(text: str, name: str = "--point") -> tuple[float, float, int]:
     """``"x,y"`` or ``"x,y,label"`` (label 1 = foreground, 0 = background)."""
     values = _numbers(text, f"{name} (expected x,y or x,y,label in pixels)", (2, 3))
-    label = values[2] if len(values) == 3 else 1.0
-    if label not in (0.0, 1.0):
-        raise UsageError(f"malformed {name} {text!r}: label must be 1 (foreground) or 0 (background)")
-    return values[0], values[1], int(label)
+    return _labelled_point(values, f"malformed {name} {text!r}")
 
 
 def prompts_from_options(boxes: Sequence[str], points: Sequence[str]) -> list[Prompt]:
@@ -109,10 +119,7 @@ def _box_from_json(value: Any, where: str) -> tuple[float, float, float, float] 
     numbers = _finite_numbers(value, (4,))
     if numbers is None:
         raise UsageError(f"{where}: malformed 'box' {_shown(value)}: expected [x0, y0, x1, y1] in pixels")
-    x0, y0, x1, y1 = numbers
-    if x1 <= x0 or y1 <= y0:
-        raise UsageError(f"{where}: malformed 'box' {_shown(value)}: need x1 > x0 and y1 > y0")
-    return x0, y0, x1, y1
+    return _ordered_box(numbers, f"{where}: malformed 'box' {_shown(value)}")
 
 
 def _points_from_json(value: Any, where: str) -> list[tuple[float, float, int]]:
@@ -127,11 +134,7 @@ def _points_from_json(value: Any, where: str) -> list[tuple[float, float, int]]:
         numbers = _finite_numbers(item, (2, 3))
         if numbers is None:
             raise UsageError(f"{where}: malformed point {index} {_shown(item)} in 'points': expected {_POINT_FORM}")
-        label = numbers[2] if len(numbers) == 3 else 1.0
-        if label not in (0.0, 1.0):
-            raise UsageError(f"{where}: malformed point {index} {_shown(item)} in 'points': "
-                             "label must be 1 (foreground) or 0 (background)")
-        points.append((numbers[0], numbers[1], int(label)))
+        points.append(_labelled_point(numbers, f"{where}: malformed point {index} {_shown(item)} in 'points'"))
     return points
 
 
