@@ -81,6 +81,11 @@ def test_version_and_module_entry_point():
     (["no-such-command"], "No such command"),
     (["segment", "a.jpg", "-b", "0,0,5,5", "--device", "gpu"], "unknown device 'gpu'"),
     (["segment", "a.jpg", "-b", "0,0,5,5", "--dtype", "float64"], "unknown dtype 'float64'"),
+    # the options come before the inputs: a missing image does not hide a mistyped option
+    (["segment", "missing.jpg", "-b", "0,0,5,5", "--device", "gpu"], "unknown device 'gpu'"),
+    (["segevery", "missing.jpg", "--dtype", "float64"], "unknown dtype 'float64'"),
+    # a message that lists its choices one per line still prints as one line
+    (["eval-coco", "--coco-root", "."], "Missing option '--prompt'. Choose from: box, point,"),
 ])
 def test_a_malformed_command_line_is_one_line_and_exit_status_2(argv, fragment, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"checked only once the command line is")

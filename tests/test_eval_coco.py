@@ -201,6 +201,7 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     rle_size = broken("rle_size", lambda d: next(a for a in d["annotations"] if a["id"] == rle["id"])
                       ["segmentation"].update(size=[10, 10]))
     wrong_size = broken("wrong_size", lambda d: d["images"][1].update(height=321))
+    negative_box = broken("negative_box", lambda d: d["annotations"][0].update(bbox=[10, 10, -5, 20]))
     no_image = broken("no_image_listed", lambda d: d.update(images=[], annotations=[]))
     bad_dets = tmp_path / "dets.json"
     bad_dets.write_text('[{"image_id": 999, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]')
@@ -224,6 +225,7 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
         "rle size": (["--coco-root", str(rle_size), *base], f"annotation {rle['id']} has RLE size [10, 10]"),
         "image size": (["--coco-root", str(wrong_size), *base], "image is 240x320 but"),
         "no images listed": (["--coco-root", str(no_image), *base], "lists no images"),
+        "negative box": (["--coco-root", str(negative_box), *base], "has bbox [10, 10, -5, 20]"),
         "bad sampler": (["--coco-root", str(root), "--prompt", "everything", "--sampler", "bogus"], "--sampler"),
     }
 

@@ -78,7 +78,8 @@ def main() -> None:
         if type(error).__name__ != "NoArgsIsHelpError":
             context = getattr(error, "ctx", None)
             hint = f" (see '{context.command_path} --help')" if context is not None else ""
-            error_line(f"{error.format_message()}{hint}")
+            # one line: some messages list their choices one per line
+            error_line(f"{' '.join(error.format_message().split())}{hint}")
         sys.exit(error.exit_code)
     except typer.Abort:
         error_line("aborted")

@@ -26,14 +26,23 @@ BackendOption = Annotated[
 ]
 
 
+def check_backend_options(backend: Backend, device: str, dtype: str) -> None:
+    """The checks of ``--device`` and ``--dtype`` that need no model: commands run them before
+    they list their inputs, so that a mistyped option is reported first (exit status 2)."""
+    precision = parse_dtype(dtype)
+    if backend is Backend.onnx:
+        if precision != torch.float32:
+            raise UsageError("--dtype applies to --backend torch; an ONNX export runs at the precision it was exported in")
+    else:
+        resolve_device(device)
+
+
 def open_model(backend: Backend, model: str, device: str, offline: bool, dtype: str = "float32") -> Any:
     """The torch model, or an ``OnnxSam`` over an export folder (which the Predictor and
     MaskGenerator accept alike). Options that only one backend has are refused first."""
-    precision = parse_dtype(dtype)  # before any model is read
+    check_backend_options(backend, device, dtype)  # before any model is read
     if backend is Backend.onnx:
         from slimseg.export.runtime import OnnxSam, providers_for
 
-        if precision != torch.float32:
-            raise UsageError("--dtype applies to --backend torch; an ONNX export runs at the precision it was exported in")
         return OnnxSam(model, providers=providers_for(device))
     return load_model(model, device=resolve_device(device), offline=offline)

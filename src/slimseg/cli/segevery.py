@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import typer
 
-from slimseg.cli.backends import Backend, BackendOption, open_model
+from slimseg.cli.backends import Backend, BackendOption, check_backend_options, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.common import (
     BatchSizeOption,
@@ -209,6 +209,7 @@ def segevery(
                         max_proposals is not None or proposal_thresh is not None)
         if compile_ and backend is Backend.onnx:
             raise UsageError("--compile applies to --backend torch; onnxruntime optimises the exported graphs itself")
+        check_backend_options(backend, device, dtype)
         inputs = expand_inputs(images, recursive=recursive)
         network = open_model(backend, model, device, offline, dtype)
         generator = MaskGenerator(

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from slimseg.cli.backends import Backend, BackendOption, open_model
+from slimseg.cli.backends import Backend, BackendOption, check_backend_options, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
 from slimseg.cli.common import (BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption,
                                 check_output_path, user_errors)
@@ -163,6 +163,7 @@ def segment(
         if out is not None:
             check_output_path(out, folder=True)
         source = PromptSource(box or [], point or [], prompts)
+        check_backend_options(backend, device, dtype)
         inputs = expand_inputs(images, recursive=recursive)
         predictor = make_predictor(backend, model, device, offline, dtype)
         # an image without prompts fails before it is read, and takes no place in a batch

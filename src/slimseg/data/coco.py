@@ -246,8 +246,8 @@ def _check_annotation_fields(path: Path, annotation: dict, image: dict) -> None:
     """Types and shapes of what scoring reads, so a bad file fails at load, not mid-run."""
     name = f"{path}: annotation {annotation['id']!r}"
     bbox = annotation["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        raise SlimsegError(f"{name} has bbox {bbox!r}, expected [x, y, w, h]")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox) and min(bbox[2:]) >= 0):
+        raise SlimsegError(f"{name} has bbox {bbox!r}, expected [x, y, w, h] with w, h >= 0")
     if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
         raise SlimsegError(f"{name} has area {annotation['area']!r}, expected a number >= 0")
     if annotation.get("iscrowd", 0) not in (0, 1):
