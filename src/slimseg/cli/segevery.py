@@ -58,12 +58,6 @@ MAX_POINTS_PER_SIDE = 1024
 # 4 layers make 341 crops (341 encoder passes, 1.4 GB of SAM's 256x64x64 float32 embeddings);
 # 5 would make 1365 crops and 5.5 GB, 20 about 10^12.
 MAX_CROP_N_LAYERS = 4
-# The generator's number arguments under their command-line names.
-_NUMBER_OPTIONS = {
-    "--pred-iou-thresh": "pred_iou_thresh", "--stability-score-thresh": "stability_score_thresh",
-    "--stability-score-offset": "stability_score_offset", "--box-nms-thresh": "box_nms_thresh",
-    "--crop-nms-thresh": "crop_nms_thresh", "--crop-overlap-ratio": "crop_overlap_ratio",
-}
 
 
 def _metadata_csv(records: list[dict]) -> str:
@@ -102,12 +96,13 @@ class CocoCollector:
 
 
 def _check_numbers(values: dict[str, float]) -> None:
-    """The generator's ranges (see MaskGenerator), checked under the option names before the
-    model loads; ``values`` maps option names to their values. NaN is refused too."""
-    for option, value in values.items():
-        problem = number_problem(_NUMBER_OPTIONS[option], value)
+    """The generator's ranges (see MaskGenerator), checked before the model loads; ``values``
+    maps its argument names to their values, each reported under its option (--pred-iou-thresh
+    for pred_iou_thresh). NaN is refused too."""
+    for name, value in values.items():
+        problem = number_problem(name, value)
         if problem is not None:
-            raise UsageError(f"{option} {problem}, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} {problem}, got {value}")
 
 
 def _check_sampling(sampler: Sampler, points_per_side: int | None, layers: int, factor: int,
@@ -202,9 +197,9 @@ def segevery(
     with user_errors():
         # every check that needs no model first: a mistyped option must not cost a model load
         _check_out(out, fmt, overlay)
-        _check_numbers({"--pred-iou-thresh": pred_iou_thresh, "--stability-score-thresh": stability_score_thresh,
-                        "--stability-score-offset": stability_score_offset, "--box-nms-thresh": box_nms_thresh,
-                        "--crop-nms-thresh": crop_nms_thresh, "--crop-overlap-ratio": crop_overlap_ratio})
+        _check_numbers({"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh,
+                        "stability_score_offset": stability_score_offset, "box_nms_thresh": box_nms_thresh,
+                        "crop_nms_thresh": crop_nms_thresh, "crop_overlap_ratio": crop_overlap_ratio})
         _check_sampling(sampler, points_per_side, crop_n_layers, crop_n_points_downscale_factor,
                         max_proposals is not None or proposal_thresh is not None)
         if compile_ and backend is Backend.onnx:

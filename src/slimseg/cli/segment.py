@@ -23,8 +23,9 @@ from slimseg.inference.predictor import Predictor
 from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
 from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
 
-# the names _write_outputs gives mask PNGs; only files named exactly so are ever removed
-_MASK_FILE = re.compile(r"mask_(\d{3,})\.png")
+# exactly the names _write_outputs gives mask PNGs, f"mask_{n:03d}.png" (three digits, more
+# only without a leading zero); only files named so are ever removed
+_MASK_FILE = re.compile(r"mask_(\d{3}|[1-9]\d{3,})\.png")
 
 
 def make_predictor(backend: Backend, model: str, device: str, offline: bool, dtype: str = "float32") -> Predictor:
@@ -117,16 +118,9 @@ def _remove_stale_masks(folder: Path, count: int) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        number = _mask_number(entry.name)
-        if number is not None and number >= count and entry.is_file() and not entry.is_symlink():
+        match = _MASK_FILE.fullmatch(entry.name)
+        if match and int(match.group(1)) >= count and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
-
-
-def _mask_number(name: str) -> int | None:
-    """N of a name _write_outputs gives, f"mask_{N:03d}.png"; None for any other name."""
-    match = _MASK_FILE.fullmatch(name)
-    # "mask_0005.png" matches the pattern but is not a name we write ("mask_005.png"): not ours
-    return int(match.group(1)) if match and name == f"mask_{int(match.group(1)):03d}.png" else None
 
 
 def segment(

@@ -128,7 +128,7 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
     annotations: dict[int, list[dict]] = {image_id: [] for image_id in known}
     for raw in data["annotations"]:
         annotation = _checked(annotation_file, "annotation", raw, _ANNOTATION_KEYS)
-        image = known.get(_hashable(annotation["image_id"]))
+        image = known.get(_whole_id(annotation["image_id"]))
         if image is None:
             raise SlimsegError(f"{annotation_file}: annotation {annotation['id']} refers to image "
                                f"{annotation['image_id']}, which is not in 'images'")
@@ -213,7 +213,8 @@ def _checked(path: Path, kind: str, entry: Any, keys: tuple[str, ...]) -> dict:
     return dict(entry)
 
 
-def _hashable(value: Any) -> Any:
+def _whole_id(value: Any) -> int | None:
+    """An id as COCO writes it, a whole number; None for anything else (a list would not hash)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -230,7 +231,7 @@ def _checked_image(path: Path, entry: Any) -> dict:
     """An entry of 'images' with every field the evaluation reads of the right type."""
     image = _checked(path, "image", entry, _IMAGE_KEYS)
     name = f"{path}: image {image['id']!r}"
-    if _hashable(image["id"]) is None:
+    if _whole_id(image["id"]) is None:
         raise SlimsegError(f"{name} has id {image['id']!r}, expected a whole number")
     if not isinstance(image["file_name"], str) or not image["file_name"]:
         raise SlimsegError(f"{name} has file_name {image['file_name']!r}, expected a file name")

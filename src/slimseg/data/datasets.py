@@ -178,13 +178,10 @@ class SA1BDataset(ImageFolderDataset):
         """Masks with a point prompt listed in the JSON of image ``index`` (0 when it cannot be
         read): a quick check that a folder has anything to learn from, without the images."""
         try:
-            data = json.loads(self.paths[index].with_suffix(".json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            records = _annotation_records(self.paths[index].with_suffix(".json"))
+        except SlimsegError:
             return 0
-        records = data.get("annotations") if isinstance(data, dict) else None
-        if not isinstance(records, list):
-            return 0
-        return sum(1 for record in records if isinstance(record, dict) and record.get("point_coords"))
+        return sum(1 for record in records if isinstance(record, dict) and _has_point_prompt(record))
 
 
 def read_sa1b_annotations(path: Path, image_size: tuple[int, int]) -> tuple[list[Annotation], int]:
@@ -200,16 +197,7 @@ def read_sa1b_annotations(path: Path, image_size: tuple[int, int]) -> tuple[list
     Raises:
         SlimsegError: the file is missing, not JSON, or not in SA-1B's schema.
     """
-    try:
-        with path.open("r", encoding="utf-8") as file:
-            data = json.load(file)
-    except FileNotFoundError:
-        raise SlimsegError(f"{path}: annotation file is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SlimsegError(f"{path}: cannot read annotation file ({exc})") from None
-    records = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(records, list):
-        raise SlimsegError(f"{path}: not an SA-1B annotation file (no 'annotations' list)")
+    records = _annotation_records(path)
     annotations: list[Annotation] = []
     skipped = 0
     for number, record in enumerate(records):
@@ -225,6 +213,25 @@ def read_sa1b_annotations(path: Path, image_size: tuple[int, int]) -> tuple[list
     return annotations, skipped
 
 
+def _annotation_records(path: Path) -> list:
+    """The 'annotations' list of an SA-1B JSON file; SlimsegError when it cannot be read."""
+    try:
+        with path.open("r", encoding="utf-8") as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise SlimsegError(f"{path}: annotation file is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SlimsegError(f"{path}: cannot read annotation file ({exc})") from None
+    records = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise SlimsegError(f"{path}: not an SA-1B annotation file (no 'annotations' list)")
+    return records
+
+
+def _has_point_prompt(record: dict) -> bool:
+    return bool(record.get("point_coords"))
+
+
 def _parse_annotation(record: dict, image_size: tuple[int, int]) -> Annotation | None:
     segmentation = record["segmentation"]
     size = [int(value) for value in segmentation["size"]]
@@ -236,10 +243,9 @@ def _parse_annotation(record: dict, image_size: tuple[int, int]) -> Annotation |
     bbox = tuple(float(value) for value in record["bbox"])
     if len(bbox) != 4:
         raise ValueError(f"bbox must have 4 numbers, got {len(bbox)}")
-    points = record.get("point_coords")
-    if not points:
+    if not _has_point_prompt(record):
         return None
-    x, y = (float(value) for value in points[0])
+    x, y = (float(value) for value in record["point_coords"][0])
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"point ({x}, {y}) is not finite")
     return Annotation(mask_rle={"size": size, "counts": counts}, point=(x, y), bbox_xywh=bbox)
