@@ -124,6 +124,14 @@ def test_detections_are_checked_against_the_annotation_file(coco, tmp_path):
     for content, reason in (([{"image_id": 5, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}], "image_id 5"),
                             ([{"image_id": 100, "category_id": 2, "bbox": [0, 0, 1, 1], "score": 1}], "category_id 2"),
                             ([{"image_id": 100, "category_id": 1, "score": 1}], "lacks"),
+                            ([{"image_id": [100], "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}],
+                             r"image_id \[100\]"),
+                            ([{"image_id": 100, "category_id": True, "bbox": [0, 0, 1, 1], "score": 1}],
+                             "category_id True"),
+                            ([{"image_id": 100, "category_id": 1, "bbox": [0, 0, 1, 1], "score": "high"}],
+                             "score 'high'"),
+                            ([{"image_id": 100, "category_id": 1, "bbox": [0, 0, -1, 1], "score": 1}],
+                             r"bbox \[0, 0, -1, 1\]"),
                             ({"annotations": []}, "expected a JSON list")):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps(content))

@@ -203,6 +203,9 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     wrong_size = broken("wrong_size", lambda d: d["images"][1].update(height=321))
     negative_box = broken("negative_box", lambda d: d["annotations"][0].update(bbox=[10, 10, -5, 20]))
     no_image = broken("no_image_listed", lambda d: d.update(images=[], annotations=[]))
+    text_category = broken("text_category", lambda d: d["annotations"][0].update(category_id="person"))
+    unknown_category = broken("unknown_category", lambda d: d["annotations"][0].update(category_id=77))
+    bad_category_entry = broken("bad_category_entry", lambda d: d["categories"].append({"name": "no id"}))
     bad_dets = tmp_path / "dets.json"
     bad_dets.write_text('[{"image_id": 999, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]')
     base = ["--prompt", "box"]
@@ -226,6 +229,9 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
         "image size": (["--coco-root", str(wrong_size), *base], "image is 240x320 but"),
         "no images listed": (["--coco-root", str(no_image), *base], "lists no images"),
         "negative box": (["--coco-root", str(negative_box), *base], "has bbox [10, 10, -5, 20]"),
+        "text category": (["--coco-root", str(text_category), *base], "has category_id 'person'"),
+        "unknown category": (["--coco-root", str(unknown_category), *base], "has category_id 77"),
+        "category without id": (["--coco-root", str(bad_category_entry), *base], "has no whole-number 'id'"),
         "bad sampler": (["--coco-root", str(root), "--prompt", "everything", "--sampler", "bogus"], "--sampler"),
     }
 

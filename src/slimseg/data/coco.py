@@ -124,6 +124,7 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
     if not data["images"]:
         raise SlimsegError(f"{annotation_file}: lists no images (the 'images' list is empty)")
     images = [_checked_image(annotation_file, image) for image in data["images"]]
+    category_ids = _category_ids(annotation_file, data["categories"])
     known = {image["id"]: image for image in images}
     annotations: dict[int, list[dict]] = {image_id: [] for image_id in known}
     for raw in data["annotations"]:
@@ -132,7 +133,7 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
         if image is None:
             raise SlimsegError(f"{annotation_file}: annotation {annotation['id']} refers to image "
                                f"{annotation['image_id']}, which is not in 'images'")
-        _check_annotation_fields(annotation_file, annotation, image)
+        _check_annotation_fields(annotation_file, annotation, image, category_ids)
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation:
             annotation["area"] = float(annotation_mask(annotation, image["height"], image["width"]).sum())
@@ -171,20 +172,24 @@ def load_detections(path: str | Path, split: CocoSplit) -> dict[int, list[dict]]
     if not isinstance(data, list):
         raise SlimsegError(f"--detections {path}: not a COCO results file (expected a JSON list of detections)")
     image_ids = {image["id"] for image in split.images}
-    category_ids = {category.get("id") for category in split.categories}
+    category_ids = {category["id"] for category in split.categories}
     grouped: dict[int, list[dict]] = {}
     for index, detection in enumerate(data):
         if not isinstance(detection, dict) or any(key not in detection for key in _DETECTION_KEYS):
             raise SlimsegError(f"--detections {path}: entry {index} lacks one of {', '.join(_DETECTION_KEYS)}")
         bbox = detection["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise SlimsegError(f"--detections {path}: entry {index} has bbox {bbox!r}, expected [x, y, w, h]")
-        if detection["image_id"] not in image_ids:
+        if not _is_box(bbox):
+            raise SlimsegError(f"--detections {path}: entry {index} has bbox {bbox!r}, expected [x, y, w, h] "
+                               "with w, h >= 0")
+        if _whole_id(detection["image_id"]) not in image_ids:
             raise SlimsegError(f"--detections {path}: entry {index} names image_id {detection['image_id']!r}, "
                                f"which is not in {split.annotation_file.name}")
-        if detection["category_id"] not in category_ids:
+        if _whole_id(detection["category_id"]) not in category_ids:
             raise SlimsegError(f"--detections {path}: entry {index} names category_id "
                                f"{detection['category_id']!r}, which is not in {split.annotation_file.name}")
+        if not _is_number(detection["score"]):
+            raise SlimsegError(f"--detections {path}: entry {index} has score {detection['score']!r}, "
+                               "expected a number")
         grouped.setdefault(detection["image_id"], []).append(
             {"category_id": detection["category_id"], "bbox": [float(v) for v in bbox],
              "score": float(detection["score"])})
@@ -243,11 +248,28 @@ def _checked_image(path: Path, entry: Any) -> dict:
     return image
 
 
-def _check_annotation_fields(path: Path, annotation: dict, image: dict) -> None:
-    """Types and shapes of what scoring reads, so a bad file fails at load, not mid-run."""
+def _category_ids(path: Path, categories: list) -> set[int]:
+    """The ids of the 'categories' entries, each a whole number."""
+    ids = set()
+    for category in categories:
+        category_id = _whole_id(category.get("id")) if isinstance(category, dict) else None
+        if category_id is None:
+            raise SlimsegError(f"{path}: category {category!r} has no whole-number 'id'")
+        ids.add(category_id)
+    return ids
+
+
+def _check_annotation_fields(path: Path, annotation: dict, image: dict, category_ids: set[int]) -> None:
+    """Types and shapes of what scoring reads, so a bad file fails at load, not mid-run.
+    ``category_ids``: those of 'categories'; an empty list of categories (class-agnostic
+    ground truth) lets any whole-number category_id through."""
     name = f"{path}: annotation {annotation['id']!r}"
+    category_id = _whole_id(annotation["category_id"])
+    if category_id is None or (category_ids and category_id not in category_ids):
+        raise SlimsegError(f"{name} has category_id {annotation['category_id']!r}, expected the id of an "
+                           "entry of 'categories'")
     bbox = annotation["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox) and min(bbox[2:]) >= 0):
+    if not _is_box(bbox):
         raise SlimsegError(f"{name} has bbox {bbox!r}, expected [x, y, w, h] with w, h >= 0")
     if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
         raise SlimsegError(f"{name} has area {annotation['area']!r}, expected a number >= 0")
@@ -269,6 +291,11 @@ def _check_annotation_fields(path: Path, annotation: dict, image: dict) -> None:
     if not isinstance(segmentation["counts"], (str, list)):
         raise SlimsegError(f"{name} has RLE counts of type {type(segmentation['counts']).__name__}, "
                            "expected a string or a list")
+
+
+def _is_box(value: Any) -> bool:
+    """Whether ``value`` is a COCO box [x, y, w, h] of finite numbers with w, h >= 0."""
+    return isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value) and min(value[2:]) >= 0
 
 
 def _is_number(value: Any) -> bool:
