@@ -10,7 +10,6 @@ graph, the way the papers count an architecture.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 
 import torch
@@ -43,10 +42,7 @@ def chunked_cpu_inference(x: torch.Tensor) -> bool:
 
 def is_compiling() -> bool:
     """Whether torch.compile is tracing the calling code."""
-    if hasattr(torch.compiler, "is_compiling"):
-        return torch.compiler.is_compiling()
-    # torch 2.1 and 2.2: torch.compiler.is_compiling arrived in 2.3
-    return importlib.import_module("torch._dynamo").is_compiling()
+    return torch.compiler.is_compiling()
 
 
 def plain_compute() -> contextlib.AbstractContextManager[None]:

@@ -8,9 +8,8 @@ kernel (native_attention.py), which forms the bias from its two factors as it go
 is built and the input is float32 (for windowed blocks, straight on the unpadded token
 grid: :func:`windowed_cpu_rel_pos_attention`); otherwise it builds the bias a few query rows
 at a time into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
-same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler
-(torch 2.4 and later; before, they take the whole bias). Training, tracing for export and
-CUDA take the whole-bias path, which autograd and the exporters understand.
+same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler.
+Training, tracing for export and CUDA take the whole-bias path, which autograd and the exporters understand.
 """
 
 from __future__ import annotations
@@ -96,8 +95,7 @@ def rel_pos_attention(
     if cpu_inference(q):
         if not is_compiling():
             return cpu_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, scale)
-        if _CPU_OP is not None:
-            return _CPU_OP(q, k, v, rel_pos_h, rel_pos_w, size[0], size[1], scale)
+        return _CPU_OP(q, k, v, rel_pos_h, rel_pos_w, size[0], size[1], scale)
     bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
@@ -174,9 +172,7 @@ def windowed_kernel_applies(x: torch.Tensor) -> bool:
 
 
 def _cpu_autocast() -> bool:
-    if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 and later
-        return torch.is_autocast_enabled("cpu")
-    return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled("cpu")
 
 
 def _cpu_output(q: torch.Tensor, value_width: int) -> torch.Tensor:
@@ -186,13 +182,10 @@ def _cpu_output(q: torch.Tensor, value_width: int) -> torch.Tensor:
     return q.new_empty(batch, queries, heads, value_width).transpose(1, 2)
 
 
-def _register_cpu_op() -> Callable[..., torch.Tensor] | None:
+def _register_cpu_op() -> Callable[..., torch.Tensor]:
     """``slimseg::rel_pos_attention``: :func:`cpu_rel_pos_attention` as one operator that
     torch.compile keeps in its graphs as it is, instead of tracing the kernel call (which it
-    cannot) or the chunk loop. None where torch lacks ``torch.library.custom_op`` (< 2.4)."""
-    if not hasattr(torch.library, "custom_op"):
-        return None
-
+    cannot) or the chunk loop."""
     @torch.library.custom_op("slimseg::rel_pos_attention", mutates_args=())
     def operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
                  rel_pos_w: torch.Tensor, height: int, width: int, scale: float) -> torch.Tensor:
