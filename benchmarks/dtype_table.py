@@ -24,6 +24,7 @@ import slimseg
 from slimseg.allocator import tune_cpu_allocator
 from slimseg.benchmark import BenchSettings, machine_line, run_bench
 from slimseg.devices import resolve_device
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.precision import DTYPE_CHOICES
 
 MODELS = ("sam-b", "slimsam-50", "slimsam-77", "lite-sam")
@@ -48,8 +49,8 @@ def table_row(name: str, dtype: str, report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="registered model names")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPE_CHOICES), choices=DTYPE_CHOICES)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per stage (median)")
@@ -59,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the reports to this file")
     args = parser.parse_args(argv)
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UsageError as error:
+        parser.error(str(error))
+    except SlimsegError as error:  # a device this machine lacks: exit 1, as `slimseg bench` does
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     unknown = [name for name in args.models if name not in slimseg.list_models()]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}: see `slimseg models`")

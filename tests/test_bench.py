@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def test_no_segevery_batch_and_random_weights_of_a_registered_model(image_path, 
         (["--threads", "0"], "--threads", 2),
         (["--batch-size", "0"], "--batch-size", 2),
         (["--image", "TMP/notes.png"], "cannot read image", 1),
-        (["--json", "TMP/missing/out.json"], "does not exist", 1),
+        (["--json", "TMP/missing/out.json"], "--json {TMP}/missing/out.json: folder {TMP}/missing does not exist", 2),
+        (["--json", "TMP/missing/deeper/out.json"], "folder {TMP}/missing/deeper does not exist", 2),
         (["--json", "TMP"], "is a folder: give a file name", 2),
         (["--json", "TMP/notes.png/out.json"], "notes.png is a file, not a folder", 2),
         (["--random-weights"], "--random-weights builds a registered model", 2),
@@ -130,11 +132,23 @@ def test_bad_input_fails_before_measuring_and_writes_nothing(sam_path, tmp_path,
     before = sorted(tmp_path.iterdir())
     result = _bench("-m", sam_path, *CPU, *FAST, *(arg.replace("TMP", str(tmp_path)) for arg in args))
     assert result.exit_code == code, result.output
-    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert fragment.replace("{TMP}", str(tmp_path)) in result.stderr and "Traceback" not in result.stderr
     assert "bench:" not in result.stderr and not result.stdout.strip()
     assert sorted(tmp_path.iterdir()) == before
-    if code == 1:  # our own errors are one line; typer's range errors come with the usage
+    if code == 1 or "--json" in args:  # our own errors are one line; typer's range errors come with the usage
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_json_in_a_missing_folder_is_a_bad_argument_before_the_model_is_read(tmp_path):
+    """As for every other output path: exit status 2, one line, before a registered model is
+    looked up, downloaded or read, and no folder created (`python -m slimseg`, relative path)."""
+    env = {**os.environ, "SLIMSEG_HOME": str(tmp_path / "home"), "SLIMSEG_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, "-m", "slimseg", "bench", "-m", "slimsam-77", "--device", "cpu",
+                                "--json", "nodir2/x.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip() == "slimseg: error: --json nodir2/x.json: folder nodir2 does not exist"
+    assert not completed.stdout and sorted(tmp_path.iterdir()) == []
 
 
 def test_missing_model_file_is_one_line(tmp_path):
@@ -260,6 +274,16 @@ def test_dtype_table_prints_a_row_per_model_and_precision(tmp_path):
     assert json.loads(completed.stdout.splitlines()[-1])["rows"][0]["dtype"] == "float32"
     (report,) = json.loads(out.read_text())["reports"]
     assert report["model"]["name"] == "lite-sam" and report["stages"]["encoder"]["median_s"] > 0
+
+
+def test_dtype_table_help_and_an_unknown_device():
+    completed = subprocess.run([sys.executable, str(DTYPE_TABLE), "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and "the table of docs/benchmarks.md's CUDA section, in one command." in \
+        " ".join(completed.stdout.split())
+    completed = subprocess.run([sys.executable, str(DTYPE_TABLE), "--device", "tpu"], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2 and "unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_dtype_table_refuses_an_unknown_model():

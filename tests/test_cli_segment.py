@@ -60,6 +60,16 @@ def test_help_lists_the_subcommands():
         assert name in result.stdout
 
 
+def test_segment_help_matches_the_reference():
+    """docs/cli.md's options: --backend, mps among the devices, a batch of images (not crops)."""
+    result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "--backend <torch|onnx>" in text and "[default: torch]" in text
+    assert "cpu, cuda, cuda:N or mps" in text
+    assert "Images embedded together in one encoder pass" in text and "crops" not in text
+
+
 def test_global_threads_option_sets_torch_threads(model_path, images):
     result = invoke("--threads", "1", "segment", images / "a.jpg", "-m", model_path, "-b", "10,20,100,90")
     assert result.exit_code == 0, result.output
@@ -143,6 +153,9 @@ def test_folder_png_output_overlay_and_rle(model_path, images, tmp_path):
     result = invoke("segment", images / "b.png", "-m", model_path, "-b", "5,5,60,60", "--out", out, "-f", "rle")
     saved = json.loads((out / "b.json").read_text())
     assert saved["masks"][0]["segmentation"]["size"] == [90, 70]
+    # the file is the stdout record without its timing (docs/cli.md says so)
+    (line,) = records(result.stdout)
+    assert line.pop("seconds") > 0 and saved == line and list(saved) == ["image", "width", "height", "masks", "prompts"]
     assert not list(out.rglob(".*.tmp"))
 
 

@@ -14,16 +14,15 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, check_output_path, console, user_errors
-from slimseg.errors import SlimsegError, UsageError
+from slimseg.errors import UsageError
 
 _stdout = Console(soft_wrap=True, highlight=False)
 
 
 def _check_json_target(path: Path) -> None:
-    """Fail before minutes of measuring, not after: the folder must exist already."""
-    check_output_path(path, "--json", folder=False)
-    if not path.parent.is_dir():
-        raise SlimsegError(f"--json {path}: folder {path.parent} does not exist")
+    """Fail before minutes of measuring, not after: the folder must exist already (a bad
+    argument, exit status 2, like every other output path that cannot be written)."""
+    check_output_path(path, "--json", folder=False, parent_must_exist=True)
 
 
 @contextlib.contextmanager

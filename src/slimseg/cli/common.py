@@ -49,10 +49,11 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def check_output_path(path: Path, option: str = "--out", *, folder: bool) -> None:
+def check_output_path(path: Path, option: str = "--out", *, folder: bool, parent_must_exist: bool = False) -> None:
     """Refuse an output path that cannot be written, before any model is read or work done:
     a file where a folder is wanted (``folder=True``) or the reverse, a parent that is a file,
-    or a folder that this user may not write into. Raises UsageError (exit status 2)."""
+    or a folder that this user may not write into. Missing parent folders are fine (the
+    writers create them) unless ``parent_must_exist``. Raises UsageError (exit status 2)."""
     if path.exists():
         if folder and not path.is_dir():
             raise UsageError(f"{option} {path} is a file: give a folder")
@@ -65,18 +66,28 @@ def check_output_path(path: Path, option: str = "--out", *, folder: bool) -> Non
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: no permission to write in {existing}")
+    if parent_must_exist and not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: folder {path.parent} does not exist")
 
 
 DeviceOption = Annotated[
     str,
-    typer.Option("--device", "-d", metavar="DEVICE", help="Where to run: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.",
+    typer.Option("--device", "-d", metavar="DEVICE", help="Where to run: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps (Apple GPUs).",
                  envvar="SLIMSEG_DEVICE", show_default=True),
+]
+
+_BATCH_HELP = "embedded together in one encoder pass. Larger batches fill a GPU; on a CPU 1 is fastest."
+
+# segment embeds whole images; segevery embeds images, or with --crop-n-layers their crops
+ImageBatchSizeOption = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, metavar="N", help=f"Images {_BATCH_HELP}", show_default=True),
 ]
 
 BatchSizeOption = Annotated[
     int,
-    typer.Option("--batch-size", min=1, metavar="N", help="Images (or SegEvery crops) embedded together in one "
-                 "encoder pass. Larger batches fill a GPU; on a CPU 1 is fastest.", show_default=True),
+    typer.Option("--batch-size", min=1, metavar="N", help=f"Images (with --crop-n-layers, their crops) {_BATCH_HELP}",
+                 show_default=True),
 ]
 
 DtypeOption = Annotated[

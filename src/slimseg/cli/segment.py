@@ -13,7 +13,7 @@ import typer
 
 from slimseg.cli.backends import Backend, BackendOption, check_backend_options, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
-from slimseg.cli.common import (BatchSizeOption, DeviceOption, DtypeOption, ModelOption, OfflineOption,
+from slimseg.cli.common import (DeviceOption, DtypeOption, ImageBatchSizeOption, ModelOption, OfflineOption,
                                 check_output_path, user_errors)
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import SlimsegError, UsageError
@@ -138,7 +138,7 @@ def segment(
     backend: BackendOption = Backend.torch,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
-    batch_size: BatchSizeOption = 1,
+    batch_size: ImageBatchSizeOption = 1,
     offline: OfflineOption = False,
 ) -> None:
     """Segment objects given by box and point prompts, one JSON line per image on stdout.
