@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,13 +157,113 @@ def test_registered_model_missing_from_cache_says_where_to_put_it(tmp_path, monk
         slimseg.load_model("sam-b", device="cpu")
 
 
-def test_registered_model_loads_from_cache(reference_and_checkpoint, tmp_path, monkeypatch):
-    _, _, path = reference_and_checkpoint
+def test_registered_model_loads_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path))
-    shutil.copy(path, tmp_path / "sam_vit_b_01ec64.pth")
-    assert slimseg.load_model("sam-b", device="cpu").config == tiny_config()
+    monkeypatch.setenv("SLIMSEG_OFFLINE", "1")
+    model = slimseg.build_model("slimsam-77")
+    slimseg.save_model(model, tmp_path / "slimsam-77-uniform.safetensors")
+    assert slimseg.load_model("slimsam-77", device="cpu").config == model.config
 
 
 def test_unknown_device_is_refused_before_loading(tmp_path):
     with pytest.raises(SlimsegError, match="unknown device 'gpu0'"):
         slimseg.load_model(tmp_path / "does-not-matter.pth", device="gpu0")
+
+
+def test_stored_pixel_mean_and_std_are_kept(reference_and_checkpoint, tmp_path):
+    _, state, _ = reference_and_checkpoint
+    mean, std = (100.0, 110.5, 120.25), (50.0, 51.5, 52.75)
+    path = tmp_path / "normalised.pth"
+    torch.save({**state, "pixel_mean": torch.tensor(mean).view(3, 1, 1), "pixel_std": torch.tensor(std).view(3, 1, 1)},
+               path)
+    model = slimseg.load_model(path, device="cpu")
+    assert model.config.pixel_mean == mean and model.config.pixel_std == std
+    assert model.pixel_mean.flatten().tolist() == list(mean)
+    # SAM's defaults stored in float32 stay SAM's defaults, not 123.67500305...
+    default = slimseg.build_model(tiny_config()).config
+    torch.save({**state, "pixel_mean": torch.tensor(default.pixel_mean)}, path)
+    assert read_checkpoint(path).config == tiny_config()
+
+
+def test_unreadable_checkpoints_give_one_line(reference_and_checkpoint, tmp_path):
+    _, state, path = reference_and_checkpoint
+    model = slimseg.load_model(path, device="cpu")
+    sources = {"sa.pth": path, "native.safetensors": slimseg.save_model(model, tmp_path / "n.safetensors")}
+    targets = []
+    for name, source in sources.items():
+        shutil.copy(source, tmp_path / name)
+        (tmp_path / name).chmod(0)
+        targets.append(tmp_path / name)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    folder.chmod(0)
+    targets.append(folder)
+    try:
+        if all(os.access(target, os.R_OK) for target in targets):
+            pytest.skip("running as a user who reads files whatever their mode (root)")
+        for target in targets:
+            with pytest.raises(SlimsegError) as caught:
+                slimseg.load_model(target, device="cpu")
+            message = str(caught.value)
+            assert message.startswith(f"{target}: cannot read") and "ermission denied" in message, message
+    finally:
+        folder.chmod(0o755)
+
+
+def test_build_model_checks_the_device_before_building(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a layer was built before the device was checked")
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", refuse)  # torch's, not slimseg's
+    with pytest.raises(SlimsegError, match="unknown device 'gpu0'"):
+        slimseg.build_model("sam-h", device="gpu0")
+
+
+def test_save_model_expands_home_and_refuses_folders_and_impossible_paths(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slimseg.cli.app import app
+
+    model = slimseg.build_model(tiny_config())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # where an unexpanded ~ would become a folder
+    written = slimseg.save_model(model, "~/models/m.safetensors")
+    assert written == tmp_path / "home" / "models" / "m.safetensors" and written.is_file()
+    assert not (tmp_path / "~").exists()
+    (tmp_path / "folder.safetensors").mkdir()
+    for target, reason in ((tmp_path / "folder.safetensors", "is a folder: give a file name"),
+                           (tmp_path / "home" / "models" / "m.safetensors" / "x.safetensors", "is a file, not a folder"),
+                           (Path("/proc/nope/x.safetensors"), "cannot write")):
+        with pytest.raises(SlimsegError) as caught:
+            slimseg.save_model(model, target)
+        message = str(caught.value)
+        assert str(target) in message and reason in message and ".tmp" not in message, message
+    result = CliRunner().invoke(app, ["convert", str(written), "--out", "/proc/nope/x.safetensors"])
+    assert result.exit_code in (1, 2) and "internal error" not in result.stderr, result.stderr
+    assert "/proc/nope/x.safetensors" in result.stderr
+
+
+def test_convert_refuses_to_overwrite_its_source_however_spelled(reference_and_checkpoint, tmp_path):
+    from slimseg.zoo.loading import convert_checkpoint
+
+    _, state, _ = reference_and_checkpoint
+    source = tmp_path / "sam.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, source)
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(source)
+    for out in (tmp_path / "sub" / ".." / "sam.safetensors", tmp_path / "link.safetensors"):
+        with pytest.raises(SlimsegError, match="a file that the conversion reads"):
+            convert_checkpoint(source, out)
+        with pytest.raises(SlimsegError, match="a file that the conversion reads"):
+            convert_checkpoint(out, source)
+    assert source.read_bytes() == before
+
+
+def test_lite_sam_weights_without_metadata_say_to_use_slimseg_format(tmp_path):
+    model = slimseg.build_model("lite-sam")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "lite.safetensors")
+    torch.save(model.state_dict(), tmp_path / "lite.pth")
+    for name in ("lite.safetensors", "lite.pth"):
+        with pytest.raises(SlimsegError, match="Lite-SAM weights without slimseg's metadata.*save_model"):
+            slimseg.load_model(tmp_path / name, device="cpu")

@@ -119,8 +119,61 @@ def test_no_sha256_available_is_refused(server: Server, tmp_path: Path) -> None:
     url = f"{server.base}/m.pth"
     with pytest.raises(SlimsegError) as caught:
         _fetch(url, tmp_path / "cache" / "m.pth", None)
-    assert str(caught.value) == f"{url}: no sha256 to verify the download against"
+    target = tmp_path / "cache" / "m.pth"
+    assert str(caught.value) == (
+        f"{url}: no sha256 to verify the download against: the server must send the file's sha256 in an "
+        f"X-Linked-Etag header (as the Hugging Face hub does), or save the file as {target} yourself")
     assert _names(tmp_path / "cache") == []
+
+
+def test_a_plain_mirror_of_a_hub_model_says_what_to_do(server: Server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimseg
+
+    server.routes["/m/slimsam-77-uniform.safetensors"] = Route(body=BODY)
+    monkeypatch.setenv("SLIMSEG_BASE_URL", f"{server.base}/m")
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SlimsegError) as caught:
+        slimseg.load_model("slimsam-77", device="cpu")
+    message = str(caught.value)
+    assert "X-Linked-Etag" in message and str(tmp_path / "cache" / "slimsam-77-uniform.safetensors") in message
+
+
+@pytest.mark.parametrize("value", ["not a url", "host/path", "http://"])
+def test_malformed_base_url_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SLIMSEG_BASE_URL", value)
+    with pytest.raises(SlimsegError) as caught:
+        mirror_url("https://example.org/m.pth", "m.pth")
+    assert str(caught.value).startswith(f"SLIMSEG_BASE_URL={value!r} is not a URL")
+
+
+def test_not_a_url_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SlimsegError, match="cannot download not a url/m.pth: not a URL"):
+        _fetch("not a url/m.pth", tmp_path / "m.pth", BODY_SHA)
+
+
+def test_old_temporaries_of_killed_downloads_are_removed(server: Server, tmp_path: Path) -> None:
+    import os
+    import time
+
+    old, fresh, other = tmp_path / ".m.pth.abc123.tmp", tmp_path / ".m.pth.def456.tmp", tmp_path / ".x.pth.abc.tmp"
+    for leftover in (old, fresh, other):
+        leftover.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for leftover in (old, other):
+        os.utime(leftover, (two_days_ago, two_days_ago))
+    server.routes["/m.pth"] = Route(body=BODY)
+    _fetch(f"{server.base}/m.pth", tmp_path / "m.pth", BODY_SHA)
+    # a fresh one may belong to a download running beside this one; another file's is not ours
+    assert _names(tmp_path) == sorted([fresh.name, other.name, "m.pth"])
+
+
+def test_off_a_terminal_one_plain_line_says_what_is_downloaded(server: Server, tmp_path: Path) -> None:
+    server.routes["/m.pth"] = Route(body=BODY)
+    console = _quiet()
+    target = tmp_path / "m.pth"
+    download_file(f"{server.base}/m.pth", target, BODY_SHA, console=console, timeout=5.0)
+    assert console.file.getvalue() == f"downloading {server.base}/m.pth → {target} (3.1 MB)\n"
 
 
 def test_offline_argument_makes_no_request(server: Server, tmp_path: Path) -> None:

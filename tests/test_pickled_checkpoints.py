@@ -268,3 +268,50 @@ def test_load_model_reads_the_slimsam_pickle_end_to_end(slimsam_pickle, tmp_path
         assert torch.equal(model.state_dict()[key], tensor), key
     converted = slimseg.save_model(model, tmp_path / "slimsam.safetensors")
     assert read_checkpoint(converted).config == model.config
+
+
+def _sam_state() -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in _pruned_model().state_dict().items()}
+
+
+def test_training_checkpoints_with_other_objects_load(tmp_path):
+    """weights_only refuses a Namespace or a numpy scalar; the restricted unpickler reads the
+    tensors under the usual keys and leaves the rest as inert placeholders."""
+    import argparse
+
+    import numpy as np
+
+    state = _sam_state()
+    checkpoints = {
+        "namespace.pth": {"model": state, "args": argparse.Namespace(lr=0.1), "epoch": 3},
+        "lightning.pth": {"state_dict": state, "hyper_parameters": {"x": np.float64(1.0)}},
+        "ddp.pth": {"model_state_dict": {f"module.{k}": v for k, v in state.items()}, "args": argparse.Namespace()},
+        "two-levels.pth": {"checkpoint": 1, "model": {"state_dict": state, "meta": argparse.Namespace(a=1)}},
+    }
+    for name, payload in checkpoints.items():
+        torch.save(payload, tmp_path / name)
+        checkpoint = read_checkpoint(tmp_path / name)
+        assert checkpoint.format == "segment-anything", name
+        assert set(checkpoint.state_dict) == set(state), name
+        for key, tensor in state.items():
+            assert torch.equal(checkpoint.state_dict[key], tensor), (name, key)
+    assert slimseg.load_model(tmp_path / "namespace.pth", device="cpu").config.image_encoder.blocks[1].qk_dim == 36
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "subprocess"])
+def test_payloads_beside_the_weights_of_a_training_checkpoint_never_run(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    payloads = {
+        "os.system": _Evil(os.system, (f"touch {marker}",)),
+        "builtins.exec": _Evil(builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
+        "subprocess": _Evil(__import__("subprocess").check_call, (["touch", str(marker)],)),
+    }
+    path = tmp_path / "train.pth"
+    torch.save({"model": _sam_state(), "args": payloads[kind], "epoch": 1}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what sends the file to the restricted unpickler
+    model = slimseg.load_model(path, device="cpu")
+    assert model.config.image_encoder.blocks[3].mlp_dim == 16
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # positive control: an ordinary load runs the payload
+    assert marker.exists()

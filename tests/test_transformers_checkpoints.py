@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 import torch
 from reference import real_photo, transformers_slimsam_77
 
+from typer.testing import CliRunner
+
 import slimseg
+from slimseg.cli.app import app
 from slimseg.zoo.checkpoint import read_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -98,8 +102,69 @@ def test_contradicting_config_json_is_refused(saved_slimsam_77, tmp_path):
     shutil.copytree(folder, copy)
     text = (copy / "config.json").read_text().replace('"hidden_size": 168', '"hidden_size": 384')
     (copy / "config.json").write_text(text)
-    with pytest.raises(slimseg.SlimsegError, match="says hidden_size 384"):
+    with pytest.raises(slimseg.SlimsegError, match="vision_config.hidden_size is 384 but the weights are 168 wide"):
         slimseg.load_model(copy, device="cpu")
+
+
+def _with_config(folder, tmp_path, edit):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(edit(config)))
+    return copy
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda c: [1, 2], "not a SamModel config (a JSON list, not an object)"),
+    (lambda c: {**c, "mask_decoder_config": {**c["mask_decoder_config"], "num_attention_heads": 7}},
+     "mask_decoder_config.num_attention_heads 7 does not divide the decoder's attention widths [128, 256]"),
+    (lambda c: {**c, "mask_decoder_config": {**c["mask_decoder_config"], "num_attention_heads": "8"}},
+     "mask_decoder_config.num_attention_heads must be a whole number, got '8'"),
+    (lambda c: {**c, "vision_config": {**c["vision_config"], "num_hidden_layers": 4}},
+     "vision_config.num_hidden_layers is 4 but the weights have 12 blocks"),
+    (lambda c: {**c, "vision_config": {**c["vision_config"], "global_attn_indexes": [1, 3]}},
+     "vision_config.global_attn_indexes is [1, 3] but the weights' global-attention blocks are [2, 5, 8, 11]"),
+    (lambda c: {**c, "vision_config": "big"}, "vision_config must be a JSON object"),
+])
+def test_bad_config_json_is_refused_naming_it(saved_slimsam_77, tmp_path, edit, reason):
+    _, folder = saved_slimsam_77
+    copy = _with_config(folder, tmp_path, edit)
+    with pytest.raises(slimseg.SlimsegError) as caught:
+        slimseg.load_model(copy, device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"{copy / 'config.json'}: ") and reason in message and "\n" not in message, message
+
+
+def test_sharded_folder_loads_like_the_single_file(saved_slimsam_77, tmp_path):
+    hf_model, folder = saved_slimsam_77
+    sharded = tmp_path / "sharded"
+    hf_model.save_pretrained(sharded, max_shard_size="10MB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    whole, split = read_checkpoint(folder), read_checkpoint(sharded)
+    assert split.format == "transformers" and split.config == whole.config
+    assert split.state_dict.keys() == whole.state_dict.keys()
+    for key, tensor in whole.state_dict.items():
+        assert torch.equal(split.state_dict[key], tensor), key
+    # a converted shard would destroy the checkpoint it was read from
+    result = CliRunner().invoke(app, ["convert", str(sharded), "--out", str(shards[0])])
+    assert result.exit_code == 2 and "a file that the conversion reads" in result.stderr
+    shards[-1].unlink()
+    with pytest.raises(slimseg.SlimsegError, match=f"shard {shards[-1].name} is missing"):
+        slimseg.load_model(sharded, device="cpu")
+
+
+def test_convert_refuses_to_overwrite_the_folder_weights(saved_slimsam_77, tmp_path):
+    _, folder = saved_slimsam_77
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    before = (copy / "model.safetensors").read_bytes()
+    for out in (copy / "model.safetensors", tmp_path / "." / "copy" / ".." / "copy" / "model.safetensors"):
+        result = CliRunner().invoke(app, ["convert", str(copy), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"{copy / 'model.safetensors'}" in result.stderr and "is a file that the conversion reads" in result.stderr
+    assert (copy / "model.safetensors").read_bytes() == before
 
 
 def test_folder_without_weights_is_refused(tmp_path):

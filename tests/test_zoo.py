@@ -42,20 +42,32 @@ def sam_layout_bytes(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def slimsam_77_bytes(tmp_path_factory) -> bytes:
+    """Random weights with slimsam-77's registered architecture, in slimseg's format."""
+    path = tmp_path_factory.mktemp("weights") / "s77.safetensors"
+    return slimseg.save_model(slimseg.build_model("slimsam-77"), path).read_bytes()
+
+
 def _cache_files(tmp_path):
     folder = tmp_path / "cache"
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def _serve(mirror, filename: str, body: bytes) -> None:
+    mirror.routes[f"/models/{filename}"] = Route(
+        body=body, headers={"X-Linked-Etag": f'"{hashlib.sha256(body).hexdigest()}"'})
 
-def test_hub_model_downloads_verifies_and_loads(mirror, tmp_path, sam_layout_bytes):
-    digest = hashlib.sha256(sam_layout_bytes).hexdigest()
-    mirror.routes["/models/slimsam-77-uniform.safetensors"] = Route(
-        body=sam_layout_bytes, headers={"X-Linked-Etag": f'"{digest}"'})
+
+def test_hub_model_downloads_verifies_loads_and_segments(mirror, tmp_path, slimsam_77_bytes, image):
+    _serve(mirror, "slimsam-77-uniform.safetensors", slimsam_77_bytes)
     model = slimseg.load_model("slimsam-77", device="cpu")
-    assert model.config == tiny_config()
+    assert model.config == slimseg.build_model("slimsam-77").config
     assert _cache_files(tmp_path) == ["slimsam-77-uniform.safetensors"]
-    slimseg.load_model("slimsam-77", device="cpu")  # second time from the cache
+    # second time from the cache, through the command line
+    result = runner.invoke(app, ["segment", image, "-b", "5,5,60,50", "-m", "slimsam-77"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["masks"]) == 1
     assert mirror.requests == ["/models/slimsam-77-uniform.safetensors"]
     listing = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
     assert {row["name"]: row["cached"] for row in listing}["slimsam-77"] is True
@@ -88,20 +100,11 @@ def test_offline_names_the_file_and_where_to_put_it(mirror, tmp_path, image):
     assert result.exit_code == 1 and "offline" in result.stderr and mirror.requests == []
 
 
-def test_segment_with_a_registered_name(mirror, tmp_path, sam_layout_bytes):
-    digest = hashlib.sha256(sam_layout_bytes).hexdigest()
-    mirror.routes["/models/slimsam-77-uniform.safetensors"] = Route(
-        body=sam_layout_bytes, headers={"X-Linked-Etag": f'"{digest}"'})
-    Image.fromarray(photo(64, 80)).save(tmp_path / "img.png")
-    result = runner.invoke(app, ["segment", str(tmp_path / "img.png"), "-b", "5,5,60,50", "-m", "slimsam-77"])
-    assert result.exit_code == 0, result.output
-    assert len(json.loads(result.stdout)["masks"]) == 1
-
-
 def test_global_slimsam_names_say_how_to_get_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path))
-    with pytest.raises(SlimsegError, match="download SlimSAM-77.pth .* pass its path to --model"):
+    with pytest.raises(SlimsegError, match=r"download SlimSAM-77.pth .* load it by its path") as caught:
         slimseg.load_model("slimsam-77-global", device="cpu")
+    assert "load_model(path)" in str(caught.value)
     with pytest.raises(SlimsegError, match="widths that vary per block"):
         slimseg.build_model("slimsam-50-global")
 
@@ -208,6 +211,76 @@ def test_models_table_never_cuts_a_name():
     """Piped, rich draws 80 columns, too few for every column at its natural width."""
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
-    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert max(len(line.rstrip()) for line in result.stdout.splitlines()) <= 80
+    first_words = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
     for name in slimseg.list_models():
-        assert f" {name} " in result.stdout, name
+        assert name in first_words, name
+
+
+def test_cached_file_holding_another_model_is_refused(mirror, tmp_path, sam_layout_bytes, slimsam_77_bytes):
+    """A registered name must give its own architecture, whatever sits in its cache slot."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "sam_vit_b_01ec64.pth").write_bytes(sam_layout_bytes)  # a 48-wide SAM in sam-b's slot
+    slimseg.save_model(slimseg.build_model("lite-sam"), cache / "slimsam-77-uniform.safetensors")
+    for name, slot, found in (("sam-b", "sam_vit_b_01ec64.pth", "48-wide"),
+                              ("slimsam-77", "slimsam-77-uniform.safetensors", "Lite-SAM")):
+        with pytest.raises(SlimsegError) as caught:
+            slimseg.load_model(name, device="cpu")
+        message = str(caught.value)
+        assert message.startswith(f"{cache / slot}: holds ") and found in message and f"not {name}" in message
+        assert "delete it so that the next use downloads it again" in message and "\n" not in message
+        info = runner.invoke(app, ["info", name])
+        assert info.exit_code == 1 and "delete it" in info.stderr and "Traceback" not in info.stderr
+    # a truncated cached file: the same advice
+    (cache / "slimsam-77-uniform.safetensors").write_bytes(slimsam_77_bytes[: len(slimsam_77_bytes) // 2])
+    with pytest.raises(SlimsegError, match="corrupt or truncated.*cached download of slimsam-77: delete it"):
+        slimseg.load_model("slimsam-77", device="cpu")
+    assert mirror.requests == []  # a cached file is used as it is, never re-fetched behind the user's back
+
+
+def test_unknown_names_list_the_registered_ones_and_guess():
+    for typo, guess in (("sam-vit-b", "'sam-b'"), ("slimsam-70", "'slimsam-77'")):
+        with pytest.raises(SlimsegError) as caught:
+            slimseg.load_model(typo, device="cpu")
+        message = str(caught.value)
+        assert "neither a registered model name nor an existing checkpoint" in message
+        assert f"did you mean {guess}" in message or f"or {guess}" in message, message
+        assert "registered models: " + ", ".join(slimseg.list_models()) in message
+    with pytest.raises(SlimsegError, match=r"unknown model 'sam_b': did you mean 'sam-b'"):
+        slimseg.build_model("sam_b")
+    with pytest.raises(SlimsegError) as caught:
+        slimseg.build_model("/path/x.pth")
+    assert "load_model(path)" in str(caught.value) and "checkpoint path" not in str(caught.value)
+    for name in ("lite-sam", "slimsam-50-global"):  # Python users get no command-line advice
+        with pytest.raises(SlimsegError) as caught:
+            slimseg.load_model(name, device="cpu", offline=True)
+        assert "pass its path to --model" not in str(caught.value) and "load_model(path)" in str(caught.value)
+
+
+def test_empty_name_and_a_local_folder_shadowing_a_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path / "cache"))
+    with pytest.raises(SlimsegError, match="empty model name or path"):
+        slimseg.load_model("", device="cpu")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sam-b").mkdir()
+    with pytest.raises(SlimsegError) as caught:
+        slimseg.load_model("sam-b", device="cpu", offline=True)
+    message = str(caught.value)
+    assert message.startswith("sam-b: folder holds no model.safetensors")
+    assert "the local folder 'sam-b' shadows the registered model sam-b: rename it" in message
+
+
+def _origin_words() -> set[str]:
+    return {word for row in json.loads(runner.invoke(app, ["models", "--json"]).stdout) for word in row["origin"].split()}
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_models_table_keeps_words_whole_at_any_width(columns):
+    result = runner.invoke(app, ["models"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0
+    assert max(len(line.rstrip()) for line in result.stdout.splitlines()) <= columns
+    cells = {word for line in result.stdout.splitlines() for word in line.split()}
+    assert _origin_words() <= cells, _origin_words() - cells  # "(dl.fbaipublicfiles.com)" is not folded
+    assert "Apache-2.0" in result.stdout  # the licence is shown, as a column or below the table
+    assert "JSON list" in runner.invoke(app, ["models", "--help"]).stdout

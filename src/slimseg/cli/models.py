@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -17,7 +18,13 @@ from slimseg.zoo.info import describe, registry_rows
 from slimseg.zoo.loading import convert_checkpoint
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-_stdout = Console(soft_wrap=True, highlight=False)
+JsonListOption = Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per model, instead of "
+                                                             "a table.")]
+
+
+def _stdout() -> Console:
+    # made per command, so that COLUMNS (read when a Console is made) is the current one
+    return Console(soft_wrap=True, highlight=False)
 
 
 def _millions(value: int | None) -> str:
@@ -32,27 +39,40 @@ def _encoder_line(arch: dict) -> str:
             f"{arch['global_attn_indexes']}")
 
 
-def _name_column(longest_name: int) -> Column:
+def _models_table(rows: list[dict], with_licence: bool) -> Table:
     # A name is what the user types next (`--model NAME`), so it must survive a narrow
-    # terminal or a pipe (80 columns) whole: never wrapped, never cut with an ellipsis; the
-    # other columns wrap instead ("weights from" folds, so a long URL loses no characters).
-    return Column("name", no_wrap=True, min_width=longest_name)
+    # terminal or a pipe (80 columns) whole: never wrapped, never cut with an ellipsis. The
+    # origin wraps at spaces; its longest word sets its least width, so no word is split.
+    # No vertical rules: at 80 columns every character goes to the text.
+    name = Column("name", no_wrap=True, min_width=max((len(row["name"]) for row in rows), default=4))
+    origin = Column("weights from", min_width=max((len(word) for row in rows for word in row["origin"].split()),
+                                                  default=4))
+    columns = [name, "parameters", "input", "cached", *(["licence"] if with_licence else []), origin]
+    table = Table(*columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for row in rows:
+        table.add_row(row["name"], _millions(row["parameters"]),
+                      f"{row['input_size']} px" if row["input_size"] else "from file",
+                      "yes" if row["cached"] else "no", *([row["license"]] if with_licence else []), row["origin"])
+    return table
 
 
-def models(as_json: JsonOption = False) -> None:
+def models(as_json: JsonListOption = False) -> None:
     """List the registered models: parameters, input size, weight source, licence, cache state."""
     with user_errors():
         rows = registry_rows()
         if as_json:
             sys.stdout.write(json.dumps(rows) + "\n")
             return
-        table = Table(_name_column(max((len(row["name"]) for row in rows), default=4)), "parameters", "input",
-                      "cached", "licence", Column("weights from", overflow="fold"))
-        for row in rows:
-            table.add_row(row["name"], _millions(row["parameters"]),
-                          f"{row['input_size']} px" if row["input_size"] else "from file",
-                          "yes" if row["cached"] else "no", row["license"], row["origin"])
-        _stdout.print(table)
+        console = _stdout()
+        table = _models_table(rows, with_licence=True)
+        licences = sorted({row["license"] for row in rows})
+        natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+        if len(licences) == 1 and natural > console.width:
+            # a narrow terminal: one line below instead of a column that repeats one value
+            console.print(_models_table(rows, with_licence=False))
+            console.print(f"licence: {licences[0]} (every model)")
+            return
+        console.print(table)
 
 
 def info(
@@ -78,7 +98,7 @@ def info(
             f"+ {macs['image_encoder']['attention'] / 1e9:.2f} G attention; decoder "
             f"{macs['decoder_per_prompt'] / 1e9:.2f} G per prompt",
         ]
-        _stdout.print("\n".join(lines))
+        _stdout().print("\n".join(lines))
         if not arch["blocks"]:
             return
         table = Table("block", "heads", "q/k width", "v width", "MLP width", "attention")
@@ -86,7 +106,7 @@ def info(
             window = "global" if block["window"] == "global" else f"window {block['window']}"
             table.add_row(str(index), str(block["heads"]), str(block["qk_dim"]), str(block["v_dim"]),
                           str(block["mlp_dim"]), window)
-        _stdout.print(table)
+        _stdout().print(table)
 
 
 def convert(

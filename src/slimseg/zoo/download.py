@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -55,6 +56,10 @@ def mirror_url(default_url: str, filename: str) -> str:
     base = os.environ.get(BASE_URL_ENV, "").strip()
     if not base:
         return default_url
+    parts = urlsplit(base)
+    if not parts.scheme or not (parts.netloc or parts.scheme == "file"):
+        raise SlimsegError(_one_line(f"{BASE_URL_ENV}={base!r} is not a URL: give one such as http://host/path "
+                                     "(or unset it to download from the original sources)"))
     return f"{base.rstrip('/')}/{filename}"
 
 
@@ -84,7 +89,8 @@ def download_file(
         sha256: expected hex digest; when None, the server must report one (the Hugging
             Face hub's ``X-Linked-Etag``), because an unverified checkpoint is refused.
         offline: refuse to touch the network (also forced by ``SLIMSEG_OFFLINE``).
-        console: where the progress bar goes (stderr by default); hidden off a terminal.
+        console: where the progress bar goes (stderr by default); off a terminal, one plain
+            "downloading URL → PATH (SIZE)" line instead.
         timeout: seconds to wait for the connection and for each read.
 
     Raises:
@@ -98,13 +104,16 @@ def download_file(
     if sha256 is not None and not _SHA256_HEX.fullmatch(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
 
+    _remove_stale_temporaries(destination)
     recorder = _RedirectRecorder()
     opener = urllib.request.build_opener(recorder)
-    # identity: a compressed transfer would make Content-Length and the digest describe
-    # different bytes from the file we save.
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": _user_agent()})
     try:
+        # identity: a compressed transfer would make Content-Length and the digest describe
+        # different bytes from the file we save.
+        request = urllib.request.Request(url, headers={"Accept-Encoding": "identity", "User-Agent": _user_agent()})
         response = opener.open(request, timeout=timeout)
+    except ValueError as error:  # urllib's "unknown url type"
+        raise SlimsegError(_one_line(f"cannot download {url}: not a URL ({error})")) from None
     except urllib.error.HTTPError as error:
         error.close()
         raise SlimsegError(_one_line(f"download of {url} failed: HTTP {error.code} {error.reason}")) from None
@@ -114,7 +123,10 @@ def download_file(
     with response:
         expected = (sha256 or _reported_sha256(response.headers, recorder.headers) or "").lower()
         if not expected:
-            raise SlimsegError(f"{url}: no sha256 to verify the download against")
+            raise SlimsegError(_one_line(
+                f"{url}: no sha256 to verify the download against: the server must send the file's sha256 in "
+                f"an X-Linked-Etag header (as the Hugging Face hub does), or save the file as {destination} "
+                "yourself"))
         total = _content_length(response.headers)
         try:
             with atomic_output(destination) as temporary:
@@ -148,6 +160,10 @@ def _stream(
         transient=True,
         disable=not console.is_terminal,
     )
+    if not console.is_terminal:
+        # the bar is hidden off a terminal; a log still needs to say why this run took minutes
+        size = f"{total / 1e6:.1f} MB" if total is not None else "size unknown"
+        console.print(f"downloading {url} → {destination} ({size})", markup=False, highlight=False, soft_wrap=True)
     with progress, temporary.open("wb") as sink:
         task = progress.add_task(destination.name, total=total)
         while True:
@@ -167,6 +183,25 @@ def _stream(
             received += len(chunk)
             progress.update(task, advance=len(chunk))
     return received, digest.hexdigest()
+
+
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def _remove_stale_temporaries(destination: Path) -> None:
+    """Delete what killed downloads of ``destination`` left (``atomic_output``'s
+    ``.NAME.XXXX.tmp``). Only old ones: a fresh one may be a concurrent download's."""
+    prefix, now = f".{destination.name}.", time.time()
+    try:
+        candidates = [p for p in destination.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:  # no cache folder yet
+        return
+    for candidate in candidates:
+        try:
+            if candidate.is_file() and now - candidate.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                candidate.unlink()
+        except OSError:  # gone meanwhile, or not ours to delete: the download goes on regardless
+            pass
 
 
 class _RedirectRecorder(urllib.request.HTTPRedirectHandler):

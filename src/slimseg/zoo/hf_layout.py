@@ -95,34 +95,81 @@ def hf_to_sam_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return _rename_mlp_heads(renamed)
 
 
+def hf_config_path(path: Path) -> Path:
+    """Where a SamModel's ``config.json`` sits: in its folder, or beside its weights file."""
+    return path / "config.json" if path.is_dir() else path.parent / "config.json"
+
+
 def read_hf_config(path: Path) -> dict[str, Any] | None:
     """The parsed ``config.json`` beside a SamModel weights file (or in its folder), if any."""
-    candidate = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    candidate = hf_config_path(path)
     if not candidate.is_file():
         return None
     try:
         data = json.loads(candidate.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SlimsegError(f"{candidate}: unreadable config.json ({error})") from None
-    if not isinstance(data, dict) or data.get("model_type", "sam") != "sam":
+    if not isinstance(data, dict):
+        raise SlimsegError(f"{candidate}: not a SamModel config (a JSON {type(data).__name__}, not an object)")
+    if data.get("model_type", "sam") != "sam":
         raise SlimsegError(f"{candidate}: not a SamModel config (model_type {data.get('model_type')!r})")
+    for section in ("vision_config", "mask_decoder_config"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise SlimsegError(f"{candidate}: {section} must be a JSON object")
     return data
 
 
+def _stated_number(config_json: Path, section: str, values: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = values.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass, and 7.0 heads or "8" are typos rather than numbers to round
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise SlimsegError(f"{config_json}: {section}.{key} must be {'a whole number' if kind is int else 'a number'}, "
+                           f"got {value!r}")
+    return kind(value)
+
+
 def apply_hf_config(config: SamConfig, hf_config: Mapping[str, Any] | None, source: Path) -> SamConfig:
-    """Take decoder heads and the encoder's LayerNorm eps from config.json; check the widths
-    it states against the ones read from the tensors."""
+    """Take decoder heads and the encoder's LayerNorm eps from config.json; check the sizes it
+    states against the ones read from the tensors. Every error names the config.json."""
     if not hf_config:
         return config
+    where = hf_config_path(source)
     vision = hf_config.get("vision_config") or {}
     decoder_config = hf_config.get("mask_decoder_config") or {}
     encoder = config.image_encoder
-    stated = vision.get("hidden_size")
-    if stated is not None and stated != encoder.embed_dim:
-        raise SlimsegError(f"{source}: config.json says hidden_size {stated} but the weights are {encoder.embed_dim} wide")
-    encoder = dataclasses.replace(encoder, norm_eps=float(vision.get("layer_norm_eps", encoder.norm_eps)))
-    decoder = dataclasses.replace(
-        config.mask_decoder,
-        transformer_num_heads=int(decoder_config.get("num_attention_heads", config.mask_decoder.transformer_num_heads)),
-    )
-    return dataclasses.replace(config, image_encoder=encoder, mask_decoder=decoder).validate()
+    heads = {block.num_heads for block in encoder.blocks}
+    facts = {  # what config.json may state -> what the tensors say
+        "hidden_size": (encoder.embed_dim, "the weights are {} wide"),
+        "num_hidden_layers": (encoder.depth, "the weights have {} blocks"),
+        "patch_size": (encoder.patch_size, "the weights use {} px patches"),
+        "image_size": (encoder.img_size, "the weights' position embedding is for {} px"),
+        "output_channels": (encoder.out_chans, "the weights' neck has {} channels"),
+        "num_attention_heads": (min(heads) if len(heads) == 1 else None, "the weights have {} heads per block"),
+    }
+    for key, (actual, description) in facts.items():
+        stated = _stated_number(where, "vision_config", vision, key, int)
+        if stated is not None and actual is not None and stated != actual:
+            raise SlimsegError(f"{where}: vision_config.{key} is {stated} but {description.format(actual)}")
+    stated_global = vision.get("global_attn_indexes")
+    if stated_global is not None and stated_global != list(encoder.global_attn_indexes):
+        raise SlimsegError(f"{where}: vision_config.global_attn_indexes is {stated_global} but the weights' "
+                           f"global-attention blocks are {list(encoder.global_attn_indexes)}")
+    eps = _stated_number(where, "vision_config", vision, "layer_norm_eps", float)
+    if eps is not None and eps <= 0:
+        raise SlimsegError(f"{where}: vision_config.layer_norm_eps must be positive, got {eps}")
+    encoder = dataclasses.replace(encoder, norm_eps=encoder.norm_eps if eps is None else eps)
+    decoder = config.mask_decoder
+    decoder_heads = _stated_number(where, "mask_decoder_config", decoder_config, "num_attention_heads", int)
+    if decoder_heads is not None:
+        # every decoder attention splits the full width, the cross attentions a downsampled one
+        widths = {decoder.transformer_dim, decoder.transformer_dim // decoder.attention_downsample_rate}
+        if decoder_heads <= 0 or any(width % decoder_heads for width in widths):
+            raise SlimsegError(f"{where}: mask_decoder_config.num_attention_heads {decoder_heads} does not divide "
+                               f"the decoder's attention widths {sorted(widths)}")
+        decoder = dataclasses.replace(decoder, transformer_num_heads=decoder_heads)
+    try:
+        return dataclasses.replace(config, image_encoder=encoder, mask_decoder=decoder).validate()
+    except SlimsegError as error:
+        raise SlimsegError(f"{where}: {error}") from None

@@ -7,12 +7,22 @@ from typing import Any
 
 import torch
 
+from slimseg.errors import SlimsegError
 from slimseg.modeling.complexity import MacCount, count_macs, count_parameters
 from slimseg.modeling.sam import SamConfig
 from slimseg.zoo.families import Model, ModelConfig, model_from_config
 from slimseg.zoo.checkpoint import read_checkpoint, weights_file
 from slimseg.zoo.download import file_sha256
-from slimseg.zoo.registry import ModelSpec, cache_path, get_spec, is_cached, is_model_name, spec_config
+from slimseg.zoo.registry import (
+    ModelSpec,
+    architecture_mismatch,
+    cache_path,
+    get_spec,
+    is_cached,
+    is_model_name,
+    spec_config,
+    stale_cache_hint,
+)
 
 
 def _meta_model(config: ModelConfig) -> Model:
@@ -85,6 +95,8 @@ def describe(name_or_path: str | Path) -> dict[str, Any]:
     A registered name that is not cached is described from the registry without downloading.
     """
     text = str(name_or_path)
+    if not text.strip():
+        raise SlimsegError("empty model name or path: give a checkpoint path or a registered name")
     path = Path(text).expanduser()
     spec: ModelSpec | None = None
     if not path.exists() and is_model_name(text):
@@ -93,6 +105,8 @@ def describe(name_or_path: str | Path) -> dict[str, Any]:
     report: dict[str, Any] = {"model": text}
     if path is not None:
         checkpoint = read_checkpoint(path)
+        if spec is not None and (problem := architecture_mismatch(spec, checkpoint.config)):
+            raise SlimsegError(f"{path}: {problem}; {stale_cache_hint(spec)}")
         weights = weights_file(path)
         config = checkpoint.config
         report.update(path=str(path), format=checkpoint.format, sha256=file_sha256(weights))

@@ -193,6 +193,7 @@ class PickledCheckpoint:
 
     state_dict: StateDict
     class_names: frozenset[str]
+    whole_model: bool = False  # tensors came from a pickled nn.Module, not from a state dict
 
 
 def _is_module(obj: Any) -> bool:
@@ -222,14 +223,26 @@ def _collect_module(obj: _Placeholder, prefix: str, found: dict[str, _TensorReco
             _collect_module(child, f"{prefix}{name}.", found, path | {id(obj)})
 
 
-def _tensor_records(root: Any) -> dict[str, _TensorRecord]:
+# Where training scripts keep the weights beside optimizer state, epochs and arguments
+# (which may be any object: they come back as placeholders and are ignored).
+_NESTED_STATE_KEYS = ("model", "state_dict", "model_state_dict", "module", "net")
+_MAX_NESTING = 3
+
+
+def _tensor_records(root: Any, depth: int = 0) -> tuple[dict[str, _TensorRecord], bool]:
+    """The tensors of a state dict or module at ``root`` or under one of the usual keys of a
+    training checkpoint, and whether they came from a module."""
     if isinstance(root, dict) and root and all(isinstance(v, _TensorRecord) for v in root.values()):
-        return {str(key): value for key, value in root.items()}
+        return {str(key): value for key, value in root.items()}, False
     if _is_module(root):
         found: dict[str, _TensorRecord] = {}
         _collect_module(root, "", found, set())
-        return found
-    return {}
+        return found, True
+    if isinstance(root, dict) and depth < _MAX_NESTING:
+        for key in _NESTED_STATE_KEYS:
+            if key in root and (nested := _tensor_records(root[key], depth + 1))[0]:
+                return nested
+    return {}, False
 
 
 def _data_pickle_name(path: Path, archive: zipfile.ZipFile) -> str:
@@ -247,20 +260,22 @@ def _read(path: str | Path, with_tensors: bool) -> PickledCheckpoint:
     if not zipfile.is_zipfile(path):
         raise SlimsegError(f"{path}: not a torch zip checkpoint (legacy or raw pickles are refused)")
     state: StateDict = {}
+    whole_model = False
     try:
         with zipfile.ZipFile(path) as archive:
             name = _data_pickle_name(path, archive)
             unpickler = _RestrictedUnpickler(archive.read(name))
             root = unpickler.load()
             if with_tensors:
-                if not (records := _tensor_records(root)):
+                records, whole_model = _tensor_records(root)
+                if not records:
                     raise SlimsegError(f"{path}: holds no model tensors")
                 reader = _StorageReader(path, archive, name[: -len("data.pkl")])
                 state = {key: reader.tensor(record) for key, record in records.items()}
     except _READ_ERRORS as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise SlimsegError(f"{path}: corrupt or unsupported checkpoint ({reason})") from None
-    return PickledCheckpoint(state, frozenset(unpickler.class_names))
+    return PickledCheckpoint(state, frozenset(unpickler.class_names), whole_model)
 
 
 def read_pickled_checkpoint(path: str | Path) -> PickledCheckpoint:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +59,8 @@ def _global_slimsam(ratio: int) -> ModelSpec:
         None,
         None,
         "Apache-2.0",
-        how_to_get=f"download SlimSAM-{ratio}.pth from {_SLIMSAM_PROJECT} and pass its path to --model "
-        "(read without running any of its pickled code)",
+        how_to_get=f"download SlimSAM-{ratio}.pth from {_SLIMSAM_PROJECT} and load it by its path "
+        "(--model PATH; load_model(path) in Python); it is read without running any of its pickled code",
         origin=f"your SlimSAM-{ratio}.pth",
     )
 
@@ -89,7 +91,7 @@ _SPECS = (
     ModelSpec("lite-sam", "Lite-SAM: LiteViT-1x encoder + AutoPPN point proposals, 640 px", LiteSamConfig, None,
               "Apache-2.0",
               how_to_get="Lite-SAM has no public weights: train them with slimseg distill (see docs/lite-sam.md) "
-              "and pass the resulting file to --model",
+              "and load the resulting file by its path (--model PATH; load_model(path) in Python)",
               origin="no public weights"),
 )
 _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
@@ -100,13 +102,18 @@ def list_models() -> list[str]:
     return [spec.name for spec in _SPECS]
 
 
+def names_hint(text: str) -> str:
+    """"did you mean 'sam-b'? registered models: ..." for a name that is not registered."""
+    close = difflib.get_close_matches(text.lower(), list_models(), n=2, cutoff=0.6)
+    guess = f"did you mean {' or '.join(repr(name) for name in close)}? " if close else ""
+    return f"{guess}registered models: {', '.join(list_models())}"
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
-        raise SlimsegError(
-            f"unknown model {name!r}: choose one of {', '.join(list_models())} or give a checkpoint path"
-        ) from None
+        raise SlimsegError(f"unknown model {name!r}: {names_hint(name)}") from None
 
 
 def is_model_name(text: str) -> bool:
@@ -117,6 +124,45 @@ def spec_config(spec: ModelSpec) -> SamConfig | LiteSamConfig:
     if spec.config is None:
         raise SlimsegError(f"{spec.name} has widths that vary per block and come from its file: {spec.how_to_get}")
     return spec.config()
+
+
+def _architecture(config: SamConfig | LiteSamConfig, like: SamConfig | LiteSamConfig) -> object:
+    """``config`` with what a checkpoint may legitimately state differently from the registry
+    (normalisation, LayerNorm eps, mask threshold) taken from ``like``: what is left is the
+    architecture."""
+    if not (isinstance(config, SamConfig) and isinstance(like, SamConfig)):
+        return config
+    encoder = dataclasses.replace(config.image_encoder, norm_eps=like.image_encoder.norm_eps)
+    return dataclasses.replace(config, image_encoder=encoder, pixel_mean=like.pixel_mean, pixel_std=like.pixel_std,
+                               mask_threshold=like.mask_threshold)
+
+
+def _summary(config: SamConfig | LiteSamConfig) -> str:
+    if isinstance(config, SamConfig):
+        return f"a SAM with a {config.image_encoder.embed_dim}-wide, {config.image_encoder.depth}-block image encoder"
+    return "a Lite-SAM model"
+
+
+def architecture_mismatch(spec: ModelSpec, config: SamConfig | LiteSamConfig) -> str | None:
+    """What is wrong with ``config`` as the architecture of ``spec``'s weights, or None.
+
+    A cached file is verified when it is downloaded, not on every load (hashing gigabytes each
+    time); this catches a different model copied or left in its place, at the cost of a
+    comparison of configs."""
+    if spec.config is None:
+        return None
+    expected = spec.config()
+    if _architecture(config, expected) == expected:
+        return None
+    found, wanted = _summary(config), _summary(expected)
+    if found == wanted:
+        found = f"{found} whose other layer sizes differ"
+    return f"holds {found}, not {spec.name} ({wanted})"
+
+
+def stale_cache_hint(spec: ModelSpec) -> str:
+    """What to do when a registered model's cached file cannot be used."""
+    return f"the file is slimseg's cached download of {spec.name}: delete it so that the next use downloads it again"
 
 
 def cache_dir() -> Path:
