@@ -210,7 +210,7 @@ def test_autoppn_model_proposes_the_points(models):
     proposed = propose_points(logits, 5, 0.0, model.img_size, (192, 256))[0].points.double().numpy() / 1.6
     assert 1 <= len(proposed) <= 5
     assert records and {tuple(r["point_coords"][0]) for r in records} <= {tuple(p) for p in proposed.tolist()}
-    with pytest.raises(SlimsegError, match="max_proposals must be >= 1"):
+    with pytest.raises(SlimsegError, match="max_proposals must be an integer >= 1"):
         MaskGenerator(model, sampler="autoppn", max_proposals=0)
     with pytest.raises(SlimsegError, match="apply to the model's own AutoPPN"):
         MaskGenerator(model, sampler="grid", max_proposals=10)
@@ -249,6 +249,20 @@ def test_autoppn_without_a_proposer_needs_an_autoppn_model(models):
         (dict(sampler="autoppn", point_proposer=3), "point_proposer must be callable"),
         (dict(sampler="autoppn", point_proposer=print, points_per_side=None, point_grids=[np.zeros((1, 2))]),
          "point_grids cannot be combined"),
+        # limits that keep the grid and the crops within memory (100000 asked numpy for 75 GiB)
+        (dict(points_per_side=100000), "points_per_side must be an integer >= 1 and <= 1024, got 100000"),
+        (dict(points_per_side=1025), "<= 1024"),
+        (dict(crop_n_layers=5), "crop_n_layers must be an integer >= 0 and <= 4, got 5"),
+        # the AutoPPN options are checked before the model's AutoPPN is looked for
+        (dict(sampler="autoppn", max_proposals=2.5), "max_proposals must be an integer >= 1, got 2.5"),
+        (dict(sampler="autoppn", max_proposals=True), "max_proposals must be an integer"),
+        (dict(sampler="autoppn", max_proposals="5"), "max_proposals must be an integer"),
+        (dict(sampler="autoppn", proposal_thresh="0.1"), "proposal_thresh must be a finite number"),
+        (dict(sampler="autoppn", proposal_thresh=float("nan")), "proposal_thresh must be a finite number"),
+        (dict(sampler="autoppn", proposal_thresh=1.0), "proposal_thresh must be in [0, 1)"),
+        (dict(pred_iou_thresh=torch.tensor(1.5)), "pred_iou_thresh must be in [0, 1]"),
+        (dict(pred_iou_thresh=torch.tensor([0.5])), "pred_iou_thresh must be a finite number"),
+        (dict(box_nms_thresh=np.bool_(True)), "box_nms_thresh must be a finite number"),
     ],
 )
 def test_bad_arguments_raise_one_line(models, options, fragment):
@@ -287,3 +301,55 @@ def test_defaults_are_segment_anythings():
     assert list(ours)[: len(theirs)] == list(theirs)
     assert all(ours[name].default == theirs[name].default for name in theirs)
     assert ours["sampler"].default == "grid" and ours["point_proposer"].default is None
+
+
+def test_scalar_tensors_and_numpy_numbers_are_numbers(models):
+    _, model = models
+    image = photo(60, 80)
+    plain = MaskGenerator(model, points_per_side=4, pred_iou_thresh=0.3, stability_score_thresh=0.1,
+                          crop_overlap_ratio=0.25).generate(image)
+    scalars = MaskGenerator(model, points_per_side=np.int64(4), pred_iou_thresh=torch.tensor(0.3),
+                            stability_score_thresh=np.float32(0.1), crop_overlap_ratio=np.array(0.25))
+    assert type(scalars.pred_iou_thresh) is float and type(scalars.crop_overlap_ratio) is float
+    assert [r["bbox"] for r in scalars.generate(image)] == [r["bbox"] for r in plain]
+
+
+def test_generate_from_two_threads_matches_one_at_a_time(models):
+    """Each generate() decodes with its own predictor: threads sharing one generator neither
+    see each other's image nor find it unset."""
+    import threading
+
+    _, model = models
+    generator = MaskGenerator(model, points_per_side=8, points_per_batch=4, pred_iou_thresh=0.3,
+                              stability_score_thresh=0.1)
+    images = [photo(200, 300, seed=1), photo(160, 240, seed=2)]
+    expected = [_record_keys(generator.generate(image)) for image in images]
+    assert expected[0] != expected[1]
+    start, got, errors = threading.Barrier(2), [[], []], []
+
+    def work(index: int) -> None:
+        start.wait()
+        try:
+            for _ in range(2):
+                got[index].append(_record_keys(generator.generate(images[index])))
+        except Exception as error:  # reported below: a thread's exception would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert got == [[expected[0]] * 2, [expected[1]] * 2]
+    assert not generator.predictor.is_image_set
+
+
+def _record_keys(records: list[dict]) -> list[tuple]:
+    return [(r["area"], tuple(r["bbox"]), round(r["predicted_iou"], 5), tuple(r["point_coords"][0])) for r in records]
+
+
+def test_embed_given_one_image_asks_for_a_list(models):
+    _, model = models
+    with pytest.raises(SlimsegError, match=r"embed takes a list of images, got one image of shape \(60, 80, 3\)"):
+        MaskGenerator(model, points_per_side=2).embed(photo(60, 80))

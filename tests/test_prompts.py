@@ -129,3 +129,38 @@ def test_transform_torch_paths_agree_with_numpy():
     boxes = np.array([[10.0, 20.0, 140.0, 90.0]])
     torch.testing.assert_close(transform.apply_boxes_torch(torch.as_tensor(boxes), (100, 150)),
                                torch.as_tensor(transform.apply_boxes(boxes, (100, 150))).float())
+
+
+def test_prompts_take_numpy_arrays_and_store_tuples():
+    prompt = Prompt(points=np.array([[50, 60], [10, 20]]), labels=np.array([1, 0]), box=np.array([1, 2, 30, 40]))
+    assert prompt == Prompt(((50, 60), (10, 20)), (1, 0), (1, 2, 30, 40))
+    assert prompt.points == ((50.0, 60.0), (10.0, 20.0)) and prompt.labels == (1, 0)
+    assert prompt.box == (1.0, 2.0, 30.0, 40.0) and hash(prompt) == hash(Prompt(((50, 60), (10, 20)), (1, 0), (1, 2, 30, 40)))
+    assert Prompt(points=[[5, 6]], labels=[1]).to_json() == {"points": [[5.0, 6.0, 1]]}
+    assert Prompt(box=np.array([[1, 2, 30, 40]])).box == (1.0, 2.0, 30.0, 40.0)
+
+
+@pytest.mark.parametrize(
+    "arguments, fragment",
+    [
+        (dict(box=(1, 2, 3)), "box must be 4 numbers x0, y0, x1, y1"),
+        (dict(box=np.array([[1, 2, 3, 4], [5, 6, 7, 8]])), "make one Prompt per box"),
+        (dict(box=(float("nan"), 1, 2, 3)), "box must be finite numbers"),
+        (dict(points=((50, 60),)), "labels must have shape (1,), one label per point"),
+        (dict(points=np.array([50, 60]), labels=np.array([1])), "points must have shape (N, 2), got (2,)"),
+        (dict(points=((np.inf, 60),), labels=(1,)), "points must be finite numbers"),
+        (dict(points=((50, 60),), labels=(7,)), "labels must be 1 (foreground) or 0 (background), got 7"),
+        (dict(points=((50, 60),), labels=(-1,)), "labels must be 1 (foreground) or 0 (background), got -1"),
+        (dict(), "a prompt needs at least one point or a box"),
+    ],
+)
+def test_malformed_prompt_objects_are_refused(arguments, fragment):
+    with pytest.raises(SlimsegError) as caught:
+        Prompt(**arguments)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_predict_prompts_before_set_image_says_so():
+    predictor = slimseg.Predictor(slimseg.build_model(tiny_config()))
+    with pytest.raises(SlimsegError, match="no image is set"):
+        predict_prompts(predictor, [Prompt(box=(1, 2, 30, 40))], multimask_output=False)

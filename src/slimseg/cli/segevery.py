@@ -26,7 +26,7 @@ from slimseg.cli.common import (
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import UsageError
 from slimseg.inference.compilation import compile_model, first_compiled_call
-from slimseg.inference.everything.options import number_problem
+from slimseg.inference.everything.options import MAX_CROP_N_LAYERS, MAX_POINTS_PER_SIDE, number_problem
 from slimseg.inference.masks import decode_rle
 from slimseg.inference.predictor import ImageEmbedding
 from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
@@ -50,14 +50,6 @@ class Sampler(str, Enum):
 
 
 COCO_FILE = "annotations.json"
-# Upper bounds that keep one image's work within memory, far above any useful setting.
-# 1024 points per side is a prompt per pixel of SAM's 1024-px input (1M prompts per crop, a
-# 16 MB grid); more only repeats input pixels, and 100000 would need 160 GB for the grid alone.
-MAX_POINTS_PER_SIDE = 1024
-# Crop layer i adds 4^i crops, and the embeddings of all an image's crops are held at once:
-# 4 layers make 341 crops (341 encoder passes, 1.4 GB of SAM's 256x64x64 float32 embeddings);
-# 5 would make 1365 crops and 5.5 GB, 20 about 10^12.
-MAX_CROP_N_LAYERS = 4
 
 
 def _metadata_csv(records: list[dict]) -> str:
@@ -168,7 +160,7 @@ def segevery(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for the masks (created if missing); without it only the JSON lines are printed.", show_default=False)] = None,
     fmt: Annotated[EveryFormat, typer.Option("--format", "-f", help="rle: OUT/<image>.json, a list of SAM records with COCO RLE (as segment-anything's amg.py --convert-to-rle); png: OUT/<image>/<i>.png masks (0/255) + metadata.csv; coco: OUT/annotations.json for the whole run (images, annotations, one 'object' category).")] = EveryFormat.rle,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png with every mask in colour.")] = False,
-    points_per_side: Annotated[Optional[int], typer.Option("--points-per-side", min=1, max=MAX_POINTS_PER_SIDE, help=f"Grid sampler: points per image side (32 → 1024 prompts), at most {MAX_POINTS_PER_SIDE}.", show_default="32")] = 32,
+    points_per_side: Annotated[Optional[int], typer.Option("--points-per-side", min=1, max=MAX_POINTS_PER_SIDE, help=f"Grid sampler: points per image side (32 → 1024 prompts), at most {MAX_POINTS_PER_SIDE}.")] = 32,
     points_per_batch: Annotated[int, typer.Option("--points-per-batch", min=1, help="Prompts decoded together (memory vs speed).")] = 64,
     pred_iou_thresh: Annotated[float, typer.Option("--pred-iou-thresh", help="Keep masks whose predicted IoU is above this (0 disables).")] = 0.88,
     stability_score_thresh: Annotated[float, typer.Option("--stability-score-thresh", help="Keep masks whose stability score is at least this (0 disables).")] = 0.95,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -36,14 +38,75 @@ class ImageEmbedding:
     seconds: float = 0.0
 
 
-def checked_image(image: np.ndarray) -> np.ndarray:
-    """``image`` as an array, if it is a non-empty HxWx3 uint8 image; else a one-line error."""
+def checked_image(image: np.ndarray, transform: ResizeLongestSide | None = None) -> np.ndarray:
+    """``image`` as an array, if it is a non-empty HxWx3 uint8 image (that ``transform``, if
+    given, can resize); else a one-line error."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SlimsegError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
     if min(image.shape[:2]) < 1:
         raise SlimsegError(f"the image is empty: shape {image.shape}")
+    if transform is not None:
+        transform.check_resizable(image.shape)
     return image
+
+
+def checked_image_list(images: Sequence[np.ndarray], name: str) -> Sequence[np.ndarray]:
+    """``images`` if it is a list of images; one HxWx3 array would otherwise be taken for a
+    list of its rows."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        raise SlimsegError(f"{name} takes a list of images, got one image of shape {tuple(images.shape)}: "
+                           f"pass [image]")
+    return images
+
+
+def _float_array(value: object, name: str, expected: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SlimsegError(f"{name} must be {expected}, got {type(value).__name__}") from None
+
+
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
+    if not np.all(np.isfinite(array)):
+        raise SlimsegError(f"{name} must be finite numbers, got {np.count_nonzero(~np.isfinite(array))} NaN or "
+                           f"infinite value(s)")
+    return array
+
+
+def checked_points(
+    coords: object, labels: object, names: tuple[str, str] = ("point_coords", "point_labels")
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) float64 XY points and (N,) int64 labels, each 1 (foreground) or 0 (background).
+
+    Labels -1 (padding) and 2, 3 (box corners) are SAM's internal tokens: a point given them
+    silently becomes something else, so only ``predict_torch`` takes them, as SAM does."""
+    coords_name, labels_name = names
+    points = _float_array(coords, coords_name, "(N, 2) XY points")
+    if points.size == 0:
+        points = points.reshape(0, 2)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise SlimsegError(f"{coords_name} must have shape (N, 2), got {points.shape}")
+    _finite(points, coords_name)
+    values = _float_array(labels, labels_name, "(N,) labels")
+    if values.shape != (len(points),):
+        raise SlimsegError(f"{labels_name} must have shape ({len(points)},), one label per point, got {values.shape}")
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        shown = ", ".join(f"{value:g}" for value in np.unique(bad))
+        raise SlimsegError(f"{labels_name} must be 1 (foreground) or 0 (background), got {shown} "
+                           f"(predict_torch takes SAM's other labels)")
+    return points, values.astype(np.int64)
+
+
+def checked_box(box: object, name: str = "box", several: str = "use predict_torch") -> np.ndarray:
+    """(4,) float64 XYXY box from 4 finite numbers, shape (4,) or (1, 4); ``several`` says
+    what to do with more than one box."""
+    array = _float_array(box, name, "4 numbers x0, y0, x1, y1")
+    if array.shape not in ((4,), (1, 4)):
+        hint = f"; for several boxes, {several}" if array.size > 4 and array.size % 4 == 0 else ""
+        raise SlimsegError(f"{name} must be 4 numbers x0, y0, x1, y1 (shape (4,) or (1, 4)), got shape {array.shape}{hint}")
+    return _finite(array.reshape(4), name)
 
 
 class Predictor:
@@ -64,6 +127,13 @@ class Predictor:
     def device(self) -> torch.device:
         return self.model.device
 
+    def fresh_copy(self) -> Predictor:
+        """A predictor over the same model, precision and transform, with no image set: its
+        own current image, for a caller that must not share one (e.g. another thread)."""
+        copied = copy.copy(self)
+        copied.reset_image()
+        return copied
+
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features: torch.Tensor | None = None
@@ -73,6 +143,8 @@ class Predictor:
     @torch.no_grad()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed an HxWx3 uint8 image given in ``image_format`` ("RGB" or "BGR")."""
+        # a failed call must not leave the previous image to answer later predictions
+        self.reset_image()
         self.set_embedding(self.embed_images([image], image_format)[0])
 
     @torch.no_grad()
@@ -85,11 +157,12 @@ class Predictor:
         """
         if image_format not in ("RGB", "BGR"):
             raise SlimsegError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        images = checked_image_list(images, "embed_images")
         if len(images) == 0:
             return []
         resized, original_sizes = [], []
         for image in images:
-            image = checked_image(image)
+            image = checked_image(image, self.transform)
             if image_format != self.model.image_format:
                 image = image[..., ::-1]
             pixels = self.transform.apply_image(np.ascontiguousarray(image))
@@ -120,13 +193,21 @@ class Predictor:
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """Embed a (1, 3, H, W) image already resized so that max(H, W) == model.img_size."""
+        self.reset_image()
+        if not isinstance(transformed_image, torch.Tensor):
+            raise SlimsegError(f"set_torch_image expects a torch.Tensor, got {type(transformed_image).__name__}")
+        try:
+            size = tuple(original_image_size)
+        except TypeError:
+            size = ()
+        if len(size) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in size):
+            raise SlimsegError(f"original_image_size must be two positive integers (H, W), got {original_image_size!r}")
         shape = tuple(transformed_image.shape)
         if len(shape) != 4 or shape[0] != 1 or shape[1] != 3 or max(shape[2:]) != self.model.img_size:
             raise SlimsegError(
                 f"set_torch_image expects a 1x3xHxW tensor with longest side {self.model.img_size}, got {shape}"
             )
-        self.reset_image()
-        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.original_size = (int(size[0]), int(size[1]))
         self.input_size = (shape[2], shape[3])
         self.features = self._embed([transformed_image])
         self.is_image_set = True
@@ -156,34 +237,40 @@ class Predictor:
 
         Arguments:
             point_coords: (N, 2) XY points; point_labels: (N,) 1 foreground, 0 background.
-            box: (4,) XYXY box. mask_input: (1, 256, 256) low-res logits of an earlier call.
+            box: (4,) or (1, 4) XYXY box. mask_input: (1, 4h, 4w) low-res logits of an earlier
+                call, (1, 256, 256) for 1024-px models.
             multimask_output: three masks instead of one (best for a single ambiguous point).
             return_logits: return logits instead of thresholded masks.
         Returns:
-            masks (C, H, W), iou predictions (C,), low-res logits (C, 256, 256); C is 3 or 1.
+            masks (C, H, W), iou predictions (C,), low-res logits (C, 4h, 4w); C is 3 or 1.
         """
         self._require_image()
         coords_torch = labels_torch = box_torch = mask_torch = None
         if point_coords is not None:
             if point_labels is None:
                 raise SlimsegError("point_labels must be given with point_coords")
-            coords = self.transform.apply_coords(np.asarray(point_coords), self.original_size)
+            points, labels = checked_points(point_coords, point_labels)
+            coords = self.transform.apply_coords(points, self.original_size)
             coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
-            labels_torch = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=self.device)[None]
-            if coords_torch.shape[:2] != labels_torch.shape or coords_torch.shape[-1] != 2:
-                raise SlimsegError(
-                    f"point_coords must be Nx2 and point_labels N, got {tuple(coords.shape)} and "
-                    f"{tuple(np.asarray(point_labels).shape)}"
-                )
+            labels_torch = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
-            boxes = self.transform.apply_boxes(np.asarray(box), self.original_size)
-            box_torch = torch.as_tensor(boxes, dtype=torch.float, device=self.device)[:1]
+            boxes = self.transform.apply_boxes(checked_box(box), self.original_size)
+            box_torch = torch.as_tensor(boxes, dtype=torch.float, device=self.device)
         if mask_input is not None:
-            mask_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
+            mask_torch = torch.as_tensor(self._checked_mask_input(mask_input), device=self.device)[None]
         masks, iou, low_res = self.predict_torch(
             coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits
         )
         return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def _checked_mask_input(self, mask_input: object) -> np.ndarray:
+        """(1, 4h, 4w) float32 logits: the decoder's low-res output size for this embedding."""
+        expected = (1, 4 * self.features.shape[-2], 4 * self.features.shape[-1])
+        mask = _float_array(mask_input, "mask_input", f"an array of shape {expected}").astype(np.float32)
+        if mask.shape != expected:
+            raise SlimsegError(f"mask_input must have shape {expected}, the low-res logits of an earlier predict() "
+                               f"with this model, got {mask.shape}")
+        return mask
 
     @torch.no_grad()
     def predict_torch(
@@ -198,9 +285,10 @@ class Predictor:
         """Masks for B prompts at once; inputs already in the resized frame (``transform``).
 
         Arguments:
-            point_coords: (B, N, 2); point_labels: (B, N); boxes: (B, 4); mask_input: (B, 1, 256, 256).
+            point_coords: (B, N, 2); point_labels: (B, N), unchecked as in segment-anything (1, 0,
+                and its internal -1 padding, 2 and 3 box corners); boxes: (B, 4); mask_input: (B, 1, 4h, 4w).
         Returns:
-            masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 256, 256).
+            masks (B, C, H, W), iou predictions (B, C), low-res logits (B, C, 4h, 4w).
         """
         low_res, iou = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
         masks = self.upscale_masks(low_res)

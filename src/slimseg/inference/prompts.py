@@ -11,23 +11,28 @@ import numpy as np
 import torch
 
 from slimseg.errors import SlimsegError, UsageError
-from slimseg.inference.predictor import Predictor
+from slimseg.inference.predictor import Predictor, checked_box, checked_points
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Everything that describes one object: (N, 2) XY points with (N,) labels, and/or an XYXY box,
-    in original-image pixels."""
+    """Everything that describes one object: (N, 2) XY points with (N,) labels (1 foreground,
+    0 background), and/or an XYXY box, in original-image pixels. Sequences and numpy arrays
+    are accepted and stored as tuples of Python numbers."""
 
     points: tuple[tuple[float, float], ...] = ()
     labels: tuple[int, ...] = ()
     box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if not self.points and self.box is None:
+        points, labels = checked_points(self.points, self.labels, ("points", "labels"))
+        box = None if self.box is None else checked_box(self.box, "box", "make one Prompt per box")
+        if len(points) == 0 and box is None:
             raise SlimsegError("a prompt needs at least one point or a box")
-        if len(self.points) != len(self.labels):
-            raise SlimsegError("a prompt needs one label per point")
+        # tuples whatever was given, so that equal prompts compare and hash equal
+        object.__setattr__(self, "points", tuple(map(tuple, points.tolist())))
+        object.__setattr__(self, "labels", tuple(labels.tolist()))
+        object.__setattr__(self, "box", None if box is None else tuple(box.tolist()))
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -218,6 +223,7 @@ def predict_prompts(predictor: Predictor, prompts: Sequence[Prompt], multimask_o
     Prompts with the same shape (number of points, box or not) share one decoder batch;
     padding unequal point lists would add tokens and change the masks, so it is not done.
     """
+    predictor._require_image()
     groups: dict[tuple[int, bool], list[int]] = {}
     for index, prompt in enumerate(prompts):
         groups.setdefault((len(prompt.points), prompt.box is not None), []).append(index)

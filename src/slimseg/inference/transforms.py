@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from slimseg.errors import SlimsegError
+
 
 class ResizeLongestSide:
     """Resize images so that their longest side is ``target_length`` and map prompts along.
@@ -23,8 +25,19 @@ class ResizeLongestSide:
         scale = long_side_length * 1.0 / max(old_h, old_w)
         return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
 
+    def check_resizable(self, shape: tuple[int, ...]) -> None:
+        """Refuse an image of ``shape`` (H, W, ...) so elongated that its shorter side would
+        round to 0 px: PIL and torch cannot resize to an empty image."""
+        if min(self.get_preprocess_shape(shape[0], shape[1], self.target_length)) < 1:
+            raise SlimsegError(
+                f"image shape {tuple(shape)} is too elongated for the model's {self.target_length}-px input: "
+                f"its shorter side would resize to 0 px (the longer side may be at most "
+                f"{2 * self.target_length} times the shorter)"
+            )
+
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWxC uint8 → resized HxWxC uint8, with PIL's bilinear filter as SAM uses."""
+        self.check_resizable(image.shape)
         new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
         return np.array(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
 
@@ -47,6 +60,7 @@ class ResizeLongestSide:
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float → resized, antialiased bilinear (close to, not equal to, PIL)."""
+        self.check_resizable(tuple(image.shape[-2:]))
         new_h, new_w = self.get_preprocess_shape(image.shape[-2], image.shape[-1], self.target_length)
         return F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
 

@@ -32,7 +32,7 @@ from slimseg.inference.everything.rle import (
     remove_small_regions,
     rle_to_mask,
 )
-from slimseg.inference.predictor import ImageEmbedding, Predictor, checked_image
+from slimseg.inference.predictor import ImageEmbedding, Predictor, checked_image, checked_image_list
 from slimseg.modeling.autoppn import propose_points
 
 __all__ = ["MaskGenerator", "PointProposer"]
@@ -119,31 +119,29 @@ class MaskGenerator:
             box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
             crop_overlap_ratio=crop_overlap_ratio, crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             point_grids=point_grids, min_mask_region_area=min_mask_region_area, output_mode=output_mode,
-            sampler=sampler, point_proposer=point_proposer,
+            sampler=sampler, point_proposer=point_proposer, max_proposals=max_proposals, proposal_thresh=proposal_thresh,
         )
-        if (max_proposals is not None or proposal_thresh is not None) and (sampler != "autoppn" or point_proposer):
-            raise SlimsegError("max_proposals and proposal_thresh apply to the model's own AutoPPN (sampler='autoppn')")
-        if max_proposals is not None and max_proposals < 1:
-            raise SlimsegError(f"max_proposals must be >= 1, got {max_proposals}")
-        if proposal_thresh is not None and not 0.0 <= proposal_thresh < 1.0:
-            raise SlimsegError(f"proposal_thresh must be in [0, 1), got {proposal_thresh}")
         if sampler == "autoppn" and point_proposer is None:
-            point_proposer = _model_proposer(model, max_proposals, proposal_thresh)
+            point_proposer = _model_proposer(
+                model, None if max_proposals is None else int(max_proposals),
+                None if proposal_thresh is None else float(proposal_thresh),
+            )
         if isinstance(encoder_batch_size, bool) or not isinstance(encoder_batch_size, int) or encoder_batch_size < 1:
             raise SlimsegError(f"encoder_batch_size must be an integer >= 1, got {encoder_batch_size!r}")
         if exported and dtype is not None:
             raise SlimsegError("dtype applies to PyTorch models; an exported model runs at the precision it was exported in")
         self.predictor = model.make_predictor() if exported else Predictor(model, dtype=dtype)
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.stability_score_offset = stability_score_offset
-        self.box_nms_thresh = box_nms_thresh
-        self.crop_n_layers = crop_n_layers
-        self.crop_nms_thresh = crop_nms_thresh
-        self.crop_overlap_ratio = crop_overlap_ratio
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
+        # Python numbers, however they were given (0-d tensors and numpy scalars pass the checks)
+        self.points_per_batch = int(points_per_batch)
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = int(crop_n_layers)
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
+        self.min_mask_region_area = float(min_mask_region_area)
         self.output_mode = output_mode
         self.sampler = sampler
         self.point_proposer = point_proposer
@@ -157,8 +155,17 @@ class MaskGenerator:
         point_coords [[x, y]], stability_score, crop_box [x, y, w, h].
 
         ``embeddings``: this image's entry of :meth:`embed`, computed with other images in
-        one encoder pass; by default the image's crops are embedded here."""
-        image = checked_image(image)
+        one encoder pass; by default the image's crops are embedded here.
+
+        Safe to call from several threads at once: each call decodes with its own copy of the
+        predictor (model shared), so no call sees another's current image."""
+        records, self.last_timings = self._generate(image, embeddings)
+        return records
+
+    def _generate(
+        self, image: np.ndarray, embeddings: Sequence[ImageEmbedding] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        image = checked_image(image, self.predictor.transform)
         clock = _Clock(self.predictor.device)
         if embeddings is None:
             since = clock.now()
@@ -167,22 +174,20 @@ class MaskGenerator:
         else:
             self._check_embeddings(image, embeddings)
             clock.credit("encoder", sum(embedding.seconds for embedding in embeddings))
-        data = self._generate_masks(image, embeddings, clock)
+        data = self._generate_masks(image, embeddings, self.predictor.fresh_copy(), clock)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
-        records = self._records(data)
-        self.last_timings = clock.finish()
-        return records
+        return self._records(data), clock.finish()
 
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray]) -> list[list[ImageEmbedding]]:
         """Each image's crop embeddings (one crop unless ``crop_n_layers`` > 0), computed
         ``encoder_batch_size`` crops per encoder pass across all the images."""
         crops, counts = [], []
-        for image in images:
-            image = checked_image(image)
+        for image in checked_image_list(images, "embed"):
+            image = checked_image(image, self.predictor.transform)
             boxes, _ = nonempty_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             crops += [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes]
             counts.append(len(boxes))
@@ -200,15 +205,17 @@ class MaskGenerator:
 
     def generate_timed(self, image: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """``generate`` plus the seconds spent per stage (see ``last_timings``)."""
-        records = self.generate(image)
-        return records, dict(self.last_timings)
+        records, timings = self._generate(image, None)
+        self.last_timings = timings
+        return records, dict(timings)
 
-    def _generate_masks(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding], clock: _Clock) -> MaskBatch:
+    def _generate_masks(self, image: np.ndarray, embeddings: Sequence[ImageEmbedding], predictor: Predictor,
+                        clock: _Clock) -> MaskBatch:
         height, width = image.shape[:2]
         crop_boxes, layers = nonempty_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskBatch()
         for crop_box, layer, embedding in zip(crop_boxes, layers, embeddings):
-            data.extend(self._process_crop(image, crop_box, layer, embedding, clock))
+            data.extend(self._process_crop(image, crop_box, layer, embedding, predictor, clock))
         if len(crop_boxes) > 1 and len(data) > 0:
             # A mask found in several crops is kept from the smallest crop: the encoder saw
             # it there at the highest resolution.
@@ -218,12 +225,12 @@ class MaskGenerator:
         data.to_numpy()
         return data
 
-    def _crop_points(self, crop: np.ndarray, layer: int, clock: _Clock) -> np.ndarray:
+    def _crop_points(self, crop: np.ndarray, layer: int, predictor: Predictor, clock: _Clock) -> np.ndarray:
         """(N, 2) float64 XY prompt points in crop pixels."""
         if self.sampler == "grid":
             return self.point_grids[layer] * np.array(crop.shape[1::-1])[None, :]
         since = clock.now()
-        points = np.asarray(self.point_proposer(crop, self.predictor), dtype=np.float64)
+        points = np.asarray(self.point_proposer(crop, predictor), dtype=np.float64)
         clock.charge("proposer", since)
         if points.size == 0:
             return np.zeros((0, 2))
@@ -232,17 +239,17 @@ class MaskGenerator:
         return points
 
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int, embedding: ImageEmbedding,
-                      clock: _Clock) -> MaskBatch:
+                      predictor: Predictor, clock: _Clock) -> MaskBatch:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
-        self.predictor.set_embedding(embedding)
-        points = self._crop_points(crop, layer, clock)
+        predictor.set_embedding(embedding)
+        points = self._crop_points(crop, layer, predictor, clock)
 
-        data = _empty_batch(self.predictor.device)
+        data = _empty_batch(predictor.device)
         step = self.points_per_batch
         for start in range(0, len(points), step):
-            data.extend(self._process_batch(points[start : start + step], crop_box, image.shape, clock))
-        self.predictor.reset_image()
+            data.extend(self._process_batch(points[start : start + step], crop_box, image.shape, predictor, clock))
+        predictor.reset_image()
 
         keep = batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data)), self.box_nms_thresh)
         data.filter(keep)
@@ -252,19 +259,20 @@ class MaskGenerator:
         return data
 
     def _process_batch(
-        self, points: np.ndarray, crop_box: list[int], image_shape: tuple[int, ...], clock: _Clock
+        self, points: np.ndarray, crop_box: list[int], image_shape: tuple[int, ...], predictor: Predictor,
+        clock: _Clock,
     ) -> MaskBatch:
         """Decode one batch of points (crop pixels) and keep the masks that pass the filters."""
-        device = self.predictor.device
+        device = predictor.device
         height, width = image_shape[:2]
         crop_size = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
         since = clock.now()
         # float64 as segment-anything feeds them (the prompt encoder normalises before its
         # float32 cast); MPS has no float64.
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), dtype=dtype, device=device)
+        coords = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), dtype=dtype, device=device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        low_res, iou_preds = self.predictor.predict_low_res(coords[:, None, :], labels[:, None], multimask_output=True)
+        low_res, iou_preds = predictor.predict_low_res(coords[:, None, :], labels[:, None], multimask_output=True)
         per_point = low_res.shape[1]
         data = MaskBatch(
             low_res=low_res.flatten(0, 1),
@@ -277,13 +285,13 @@ class MaskGenerator:
         # fraction of the work (upscaling every candidate dominates the cost otherwise).
         if self.pred_iou_thresh > 0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
-        data["masks"] = self.predictor.upscale_masks(data["low_res"][:, None])[:, 0]
+        data["masks"] = predictor.upscale_masks(data["low_res"][:, None])[:, 0]
         del data["low_res"]
         clock.charge("decoder", since)
 
         # A threshold of 0 disables its filter, as in segment-anything (this also keeps
         # masks whose stability is NaN, i.e. with no pixel above threshold - offset).
-        threshold = self.predictor.model.mask_threshold
+        threshold = predictor.model.mask_threshold
         data["stability_score"] = stability_score(data["masks"], threshold, self.stability_score_offset)
         # Binarised before the next filter, so that it copies bytes rather than float logits.
         data["masks"] = data["masks"] > threshold

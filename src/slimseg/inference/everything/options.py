@@ -8,14 +8,24 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
+import torch
 
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything.crops import build_all_layer_point_grids
 
-__all__ = ["NUMBER_RANGES", "OUTPUT_MODES", "SAMPLERS", "check_generator_options", "number_problem"]
+__all__ = ["MAX_CROP_N_LAYERS", "MAX_POINTS_PER_SIDE", "NUMBER_RANGES", "OUTPUT_MODES", "SAMPLERS",
+           "check_generator_options", "number_problem"]
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 SAMPLERS = ("grid", "autoppn")
+# Upper bounds that keep one image's work within memory, far above any useful setting.
+# 1024 points per side is a prompt per pixel of SAM's 1024-px input (1M prompts per crop, a
+# 16 MB grid); more only repeats input pixels, and 100000 would need 160 GB for the grid alone.
+MAX_POINTS_PER_SIDE = 1024
+# Crop layer i adds 4^i crops, and the embeddings of all an image's crops are held at once:
+# 4 layers make 341 crops (341 encoder passes, 1.4 GB of SAM's 256x64x64 float32 embeddings);
+# 5 would make 1365 crops and 5.5 GB, 20 about 10^12.
+MAX_CROP_N_LAYERS = 4
 # (low, high, high end open) of the number arguments
 NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
     "pred_iou_thresh": (0.0, 1.0, False),
@@ -25,13 +35,24 @@ NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
     "crop_nms_thresh": (0.0, 1.0, False),
     "crop_overlap_ratio": (0.0, 1.0, True),
     "min_mask_region_area": (0.0, math.inf, False),
+    "proposal_thresh": (0.0, 1.0, True),
 }
 
 
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise SlimsegError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _scalar(value: Any) -> Any:
+    """A 0-d tensor or array as the Python number it holds (a bool stays a bool); anything else as is."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    number = _scalar(value)
+    if (isinstance(number, bool) or not isinstance(number, Integral) or number < minimum
+            or (maximum is not None and number > maximum)):
+        bounds = f">= {minimum}" if maximum is None else f">= {minimum} and <= {maximum}"
+        raise SlimsegError(f"{name} must be an integer {bounds}, got {value!r}")
+    return int(number)
 
 
 def number_problem(name: str, value: Any) -> str | None:
@@ -39,6 +60,7 @@ def number_problem(name: str, value: Any) -> str | None:
     [0, 1]", or None when it is valid. ``slimseg segevery`` shares it to check its options
     under their command-line names before the model loads."""
     low, high, high_open = NUMBER_RANGES[name]
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         return "must be a finite number"
     if value < low or value > high or (high_open and value == high):
@@ -86,6 +108,8 @@ def check_generator_options(
     output_mode: str,
     sampler: str,
     point_proposer: Callable | None,
+    max_proposals: int | None = None,
+    proposal_thresh: float | None = None,
 ) -> list[np.ndarray]:
     """Validate everything; returns the per-layer point grids (empty for AutoPPN)."""
     if sampler not in SAMPLERS:
@@ -100,10 +124,16 @@ def check_generator_options(
     _number("crop_nms_thresh", crop_nms_thresh)
     _number("crop_overlap_ratio", crop_overlap_ratio)
     _number("min_mask_region_area", min_mask_region_area)
-    layers = _integer("crop_n_layers", crop_n_layers, 0) + 1
+    layers = _integer("crop_n_layers", crop_n_layers, 0, MAX_CROP_N_LAYERS) + 1
     factor = _integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
     if point_proposer is not None and not callable(point_proposer):
         raise SlimsegError(f"point_proposer must be callable, got {type(point_proposer).__name__}")
+    if (max_proposals is not None or proposal_thresh is not None) and (sampler != "autoppn" or point_proposer):
+        raise SlimsegError("max_proposals and proposal_thresh apply to the model's own AutoPPN (sampler='autoppn')")
+    if max_proposals is not None:
+        _integer("max_proposals", max_proposals, 1)
+    if proposal_thresh is not None:
+        _number("proposal_thresh", proposal_thresh)
 
     if sampler == "autoppn":
         if point_grids is not None:
@@ -115,7 +145,7 @@ def check_generator_options(
         raise SlimsegError("give exactly one of points_per_side and point_grids (set points_per_side=None for grids)")
     if point_grids is not None:
         return _grids(point_grids, layers)
-    side = _integer("points_per_side", points_per_side, 1)
+    side = _integer("points_per_side", points_per_side, 1, MAX_POINTS_PER_SIDE)
     smallest = int(side / factor ** (layers - 1))
     if smallest < 1:
         raise SlimsegError(
