@@ -152,3 +152,11 @@ def test_set_torch_image_takes_a_torch_size(predictor):
 
 def test_embed_images_given_one_image_asks_for_a_list(predictor):
     _refused(lambda: predictor.embed_images(photo(120, 160)), "embed_images takes a list", "(120, 160, 3)", "[image]")
+
+
+def test_a_segment_anything_model_is_refused_with_the_way_to_load_it():
+    from conftest import tiny_config
+    from reference import reference_sam
+
+    with pytest.raises(SlimsegError, match=r"segment_anything\.modeling\.sam\.Sam .*no img_size.*slimseg\.load_model"):
+        slimseg.Predictor(reference_sam(tiny_config()))

@@ -109,6 +109,21 @@ def checked_box(box: object, name: str = "box", several: str = "use predict_torc
     return _finite(array.reshape(4), name)
 
 
+# what the predictor reads of a model, slimseg's or an exported one (OnnxSam)
+_MODEL_ATTRIBUTES = ("img_size", "image_format", "mask_threshold", "preprocess", "postprocess_masks")
+
+
+def _check_predictable(model: object) -> None:
+    """A one-line error for a model the predictor cannot drive, such as segment-anything's
+    own Sam (which lacks img_size), instead of an AttributeError at the first image."""
+    missing = [name for name in _MODEL_ATTRIBUTES if not hasattr(model, name)]
+    if missing:
+        kind = f"{type(model).__module__}.{type(model).__qualname__}"
+        raise SlimsegError(f"Predictor takes a slimseg model, got {kind} (no {', '.join(missing)}): load the "
+                           "checkpoint with slimseg.load_model(path), which reads segment-anything and "
+                           "transformers weights as they are")
+
+
 class Predictor:
     """Compute an image embedding once, then decode any number of prompts against it.
 
@@ -118,6 +133,7 @@ class Predictor:
     """
 
     def __init__(self, model: Sam, dtype: str | torch.dtype | None = None) -> None:
+        _check_predictable(model)
         self.model = model
         self.dtype = parse_dtype(dtype)
         self.transform = ResizeLongestSide(model.img_size)
