@@ -334,3 +334,49 @@ def test_a_prompts_file_without_prompts_or_with_malformed_content_exits_2(model_
     prompts.write_text('[{"points": [[10, 20]], "labels": [0]}]')
     result = invoke("segment", images / "a.jpg", "-m", model_path, "--prompts", prompts)
     assert_one_line_error(result, f"{prompts}[0]: unknown key 'labels'", code=2)
+
+
+def _run_with_terminal_stderr(argv: list[str], cwd: Path) -> tuple[int, str, str]:
+    """``python -m slimseg ARGV`` with stderr on a pseudo-terminal (progress bars drawn) and
+    stdout on a pipe; returns the exit status, stdout and what the terminal showed."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    environment = {**os.environ, "TERM": "xterm", "COLUMNS": "100"}
+    process = subprocess.Popen([sys.executable, "-m", "slimseg", *argv], stdout=subprocess.PIPE, stderr=follower,
+                               cwd=cwd, env=environment, text=True)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout = process.stdout.read()
+    os.close(leader)
+    return process.wait(), stdout, shown.decode(errors="replace")
+
+
+def test_records_reach_stdout_while_a_progress_bar_is_on_the_terminal(model_path, images, tmp_path):
+    status, stdout, shown = _run_with_terminal_stderr(
+        ["segment", str(images), "-b", "2,2,20,20", "-m", str(model_path), "--device", "cpu"], tmp_path)
+    assert status == 0, shown
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert len(lines) == len(list(images.iterdir())) and all(line["masks"] for line in lines)
+    assert '"masks"' not in shown
+
+
+def test_a_closed_pipe_ends_the_run_quietly(model_path, images, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(8):  # the reader is gone long before the last records are written
+        (many / f"{index}.jpg").write_bytes((images / "a.jpg").read_bytes())
+    command = (f"{sys.executable} -m slimseg segment {many} -b 2,2,20,20 -m {model_path} --device cpu "
+               f"| head -c 1 > /dev/null")
+    completed = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True,
+                               cwd=tmp_path)
+    assert "error" not in completed.stderr and "Traceback" not in completed.stderr, completed.stderr

@@ -30,7 +30,10 @@ def for_each_image(inputs: list[ImageInput], description: str, process: Callable
     """
     failures = 0
     columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+    # rich would route sys.stdout through the bar's console, which is stderr: the records
+    # must reach stdout (a pipe or file) even while a bar is drawn on the terminal
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal,
+                  redirect_stdout=sys.stdout.isatty()) as progress:
         task = progress.add_task(description, total=len(inputs))
         for image in inputs:
             started = time.perf_counter()

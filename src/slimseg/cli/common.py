@@ -42,6 +42,9 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:
+        # stdout's reader has gone (`| head -1`): the framework ends the run quietly
+        raise
     except Exception as error:  # a bug, but the user still gets one line
         if State.debug:
             raise
