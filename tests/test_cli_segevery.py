@@ -150,3 +150,23 @@ def test_crop_layers_on_an_image_a_few_pixels_wide(model_path, tmp_path, height,
                                  "--crop-n-layers", "1", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["width"] == width
+
+
+def test_png_rerun_removes_that_images_stale_masks_only(model_path, images, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(model_path), "--out", str(out),
+                                 "-f", "png", *LOOSE])
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)["masks"]
+    assert first > 2
+    for name in ("00.png", "1.png.bak", "notes.txt"):  # not names segevery writes
+        (out / "a" / name).write_text("the user's")
+    result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(model_path), "--out", str(out),
+                                 "-f", "png", "--points-per-side", "1", "--pred-iou-thresh", "0",
+                                 "--stability-score-thresh", "0"])
+    assert result.exit_code == 0, result.output
+    second = json.loads(result.stdout)["masks"]
+    assert second < first
+    rows = list(csv.DictReader((out / "a" / "metadata.csv").open()))
+    assert sorted(p.name for p in (out / "a").iterdir()) == sorted(
+        [f"{n}.png" for n in range(len(rows))] + ["00.png", "1.png.bak", "metadata.csv", "notes.txt"])

@@ -380,3 +380,10 @@ def test_a_closed_pipe_ends_the_run_quietly(model_path, images, tmp_path):
     completed = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True,
                                cwd=tmp_path)
     assert "error" not in completed.stderr and "Traceback" not in completed.stderr, completed.stderr
+
+
+def test_a_line_break_in_a_file_name_keeps_its_error_on_one_line(model_path, tmp_path):
+    bad = tmp_path / "bad\nname.jpg"
+    bad.write_bytes(b"not an image")
+    result = invoke("segment", bad, "-b", "0,0,5,5", "-m", model_path, "--device", "cpu")
+    assert_one_line_error(result, "bad\\nname.jpg", code=1)

@@ -228,6 +228,34 @@ def test_exif_orientation_applied_to_sixteen_bit_colour(tmp_path: Path, orientat
     np.testing.assert_array_equal(out, expected)
 
 
+def _sixteen_bit_tiff(rgb: np.ndarray, orientation: int) -> bytes:
+    """An uncompressed 16-bit RGB TIFF of ``rgb`` (H, W, 3) uint16 with an Orientation tag
+    (Pillow cannot write 16-bit colour)."""
+    height, width, _ = rgb.shape
+    pixels = rgb.astype("<u2").tobytes()
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, None), (274, 3, 1, orientation), (277, 3, 1, 3), (278, 3, 1, height),
+               (279, 4, 1, len(pixels)), (284, 3, 1, 1)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    bits_offset = 8 + ifd_size
+    pixel_offset = bits_offset + 6
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = {258: bits_offset, 273: pixel_offset}.get(tag, value)
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 and count == 1 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    return b"II*\0" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + struct.pack("<HHH", 16, 16, 16) + pixels
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_applied_once_to_sixteen_bit_tiff(tmp_path: Path, orientation: int) -> None:
+    stored = _marked_image()
+    path = tmp_path / "deep_rotated.tif"
+    path.write_bytes(_sixteen_bit_tiff(stored.astype(np.uint16) * 257, orientation))
+    expected = np.rot90(stored, k={1: 0, 3: 2, 6: -1, 8: 1}[orientation])
+    np.testing.assert_array_equal(read_image(path), expected)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.png"
     with pytest.raises(SlimsegError) as info:
@@ -297,3 +325,15 @@ def test_large_image_reads_without_pillows_decompression_bomb_warning(tmp_path: 
 def test_image_extensions() -> None:
     assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"} == IMAGE_EXTENSIONS
     assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
+
+
+def test_corrupt_exif_metadata_is_skipped_without_a_warning(tmp_path: Path) -> None:
+    # IFD0: Orientation 6 and an Exif sub-IFD pointer far past the end of the data
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x02\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00"
+            b"i\x87\x04\x00\x01\x00\x00\x00\x00\x00\xff\x7f\x00\x00\x00\x00")
+    path = tmp_path / "bad_exif.jpg"
+    Image.fromarray(_marked_image()).save(path, exif=exif, quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = read_image(path)
+    _check_rgb(out, 40, 20)  # the orientation, which is intact, still applies

@@ -126,6 +126,13 @@ def test_stdin_paths(tree: Path) -> None:
     ]
 
 
+def test_stdin_keeps_spaces_that_are_part_of_a_file_name(tree: Path) -> None:
+    (tree / " lead.jpg").write_bytes((tree / "photos" / "b.jpg").read_bytes())
+    (tree / "trail.jpg ").write_bytes((tree / "photos" / "b.jpg").read_bytes())
+    stdin = io.StringIO(" lead.jpg\r\ntrail.jpg \n  # an indented comment\n")
+    assert _pairs(expand_inputs(["-"], stdin=stdin)) == [(" lead.jpg", " lead"), ("trail.jpg ", "trail")]
+
+
 def test_stdin_lines_are_never_globs(tree: Path) -> None:
     with pytest.raises(SlimsegError, match=r"^photos/\*\.jpg: no such file or directory$"):
         expand_inputs(["-"], stdin=io.StringIO("photos/*.jpg\n"))

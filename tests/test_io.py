@@ -226,3 +226,13 @@ def test_overlay_rejects_mismatched_inputs() -> None:
         render_overlay(image, [mask], points=[(1, 1, 2)])
     with pytest.raises(ValueError):
         render_overlay(image, [mask], alpha=1.5)
+
+
+def test_a_failed_atomic_write_names_the_target_not_its_temporary_file(tmp_path):
+    target = tmp_path / "mask.png"
+    target.mkdir()
+    (target / "kept").write_text("the user's")
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(target, b"data")
+    assert caught.value.filename == str(target) and ".tmp" not in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no temporary file left

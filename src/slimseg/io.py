@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -69,9 +70,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     file (if any) is left untouched, and the original exception (usually OSError) propagates.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix="." + target.name + ".",
-                                         suffix=".tmp")
+    prefix = "." + target.name + "."
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=prefix, suffix=".tmp")
+    except OSError as error:
+        raise _naming_target(error, prefix, target) from None
     handle.close()
     temporary = Path(handle.name)
     try:
@@ -82,10 +86,33 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         # get the permissions an ordinary open() would have given them.
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, target)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _naming_target(error, prefix, target) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _naming_target(error: OSError, prefix: str, target: Path) -> OSError:
+    """``error`` about ``target`` where it names the hidden temporary file, which the user
+    never asked for and which no longer exists."""
+    if error.filename is not None and Path(error.filename).name.startswith(prefix):
+        return type(error)(error.errno, error.strerror, str(target))
+    return error
+
+
+def remove_numbered_files(folder: Path, name: re.Pattern[str], first: int) -> None:
+    """Remove the regular files in ``folder`` whose whole name matches ``name`` with a number
+    (its first group) of ``first`` or more: the outputs that an earlier run with more of them
+    left, so that the folder matches what was just written. Nothing else is touched."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = name.fullmatch(entry.name)
+        if match and int(match.group(1)) >= first and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -22,8 +22,10 @@ class State:
 
 
 def error_line(message: str) -> None:
-    # the message is text, not markup: "slimseg[export]" or "[x, y]" must print as written
-    console.print(f"[bold red]slimseg: error:[/] {escape(message)}", markup=True, highlight=False)
+    # the message is text, not markup: "slimseg[export]" or "[x, y]" must print as written;
+    # a line break in it (a file name may hold one) is shown escaped, to keep it one line
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    console.print(f"[bold red]slimseg: error:[/] {escape(one_line)}", markup=True, highlight=False)
 
 
 @contextlib.contextmanager

@@ -140,8 +140,11 @@ def _glob_root(pattern: str) -> str:
 def _from_stdin(stream: TextIO, recursive: bool) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     for raw in stream:
-        line = raw.strip()
-        if line and not line.startswith("#"):
+        line = raw.rstrip("\r\n")
+        # a file name may begin or end with spaces; spaces around an existing path are padding
+        if not os.path.lexists(line) and os.path.lexists(line.strip()):
+            line = line.strip()
+        if line.strip() and not line.strip().startswith("#"):
             found.extend(_from_path(line, recursive))
     if not found:
         raise SlimsegError("-: no image paths were read from standard input")

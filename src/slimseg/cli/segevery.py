@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -29,11 +30,21 @@ from slimseg.inference.compilation import compile_model, first_compiled_call
 from slimseg.inference.everything.options import MAX_CROP_N_LAYERS, MAX_POINTS_PER_SIDE, number_problem
 from slimseg.inference.masks import decode_rle
 from slimseg.inference.predictor import ImageEmbedding
-from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
+from slimseg.io import (
+    atomic_write_text,
+    json_dumps_strict,
+    remove_numbered_files,
+    render_overlay,
+    write_image_png,
+    write_mask_png,
+)
 
 if TYPE_CHECKING:
     from slimseg.inference.everything import MaskGenerator
 
+# exactly the names _write_image_outputs gives mask PNGs, f"{n}.png" as segment-anything's
+# amg.py does; only files named so are ever removed
+_MASK_FILE = re.compile(r"(0|[1-9]\d*)\.png")
 _METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
                     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 
@@ -125,6 +136,7 @@ def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict]
     elif fmt is EveryFormat.png:
         for index, mask in enumerate(masks):
             write_mask_png(out / image.key / f"{index}.png", mask)
+        remove_numbered_files(out / image.key, _MASK_FILE, len(masks))
         atomic_write_text(out / image.key / "metadata.csv", _metadata_csv(records))
     if overlay:
         # largest first, so small masks stay visible on top

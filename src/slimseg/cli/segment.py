@@ -21,7 +21,14 @@ from slimseg.inference.masks import encode_rle, mask_to_box_xywh
 from slimseg.inference.precision import parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.inference.prompts import Prompt, PromptResult, fit_to_image, load_prompts_file, predict_prompts, prompts_from_options
-from slimseg.io import atomic_write_text, json_dumps_strict, render_overlay, write_image_png, write_mask_png
+from slimseg.io import (
+    atomic_write_text,
+    json_dumps_strict,
+    remove_numbered_files,
+    render_overlay,
+    write_image_png,
+    write_mask_png,
+)
 
 # exactly the names _write_outputs gives mask PNGs, f"mask_{n:03d}.png" (three digits, more
 # only without a leading zero); only files named so are ever removed
@@ -95,7 +102,7 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
             entry["segmentation"] = encode_rle(mask)
         record["masks"].append(entry)
     if fmt is OutputFormat.png:
-        _remove_stale_masks(out / image.key, len(record["masks"]))
+        remove_numbered_files(out / image.key, _MASK_FILE, len(record["masks"]))
     record["prompts"] = [result.prompt.to_json() for result in results]
     if fmt is OutputFormat.rle:
         atomic_write_text(out / f"{image.key}.json", json_dumps_strict(record) + "\n")
@@ -109,18 +116,6 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
         write_image_png(path, picture)
         record["overlay"] = str(path)
     return record
-
-
-def _remove_stale_masks(folder: Path, count: int) -> None:
-    """Remove mask_NNN.png files numbered ``count`` or above that an earlier run with more
-    masks left in this image's folder, so the folder matches the record just written.
-    Only regular files named exactly as _write_outputs names them are touched."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        match = _MASK_FILE.fullmatch(entry.name)
-        if match and int(match.group(1)) >= count and entry.is_file() and not entry.is_symlink():
-            entry.unlink(missing_ok=True)
 
 
 def segment(

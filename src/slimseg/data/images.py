@@ -71,9 +71,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _decode(file: Path) -> np.ndarray:
     with warnings.catch_warnings():
-        # Pillow warns (two lines on stderr) above MAX_IMAGE_PIXELS: a large photo is no attack
-        # here. Above twice that it raises DecompressionBombError, which stays a clean error.
+        # Pillow warns (two raw lines on stderr) above MAX_IMAGE_PIXELS, where a large photo is
+        # no attack here (above twice that it raises DecompressionBombError, which stays a
+        # clean error), and about damaged metadata such as corrupt EXIF, which decoding skips.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
         return _decode_quietly(file)
 
 
@@ -81,7 +83,10 @@ def _decode_quietly(file: Path) -> np.ndarray:
     with Image.open(file) as img:
         if _has_deep_colour(img):
             orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            return _decode_deep_with_opencv(file, orientation)
+            img.load()
+            # Pillow's 8-bit reading (the high bytes), upright: it settles which way is up
+            upright = _to_rgb(ImageOps.exif_transpose(img)) if orientation in _ORIENTATION_FIX else None
+            return _decode_deep_with_opencv(file, orientation, upright)
         # Decode inside the try of the caller so truncated files fail here, not later.
         img.load()
         upright = ImageOps.exif_transpose(img)
@@ -107,9 +112,9 @@ def _has_deep_colour(img: Image.Image) -> bool:
     return False
 
 
-def _decode_deep_with_opencv(file: Path, orientation: int) -> np.ndarray:
+def _decode_deep_with_opencv(file: Path, orientation: int, upright: np.ndarray | None) -> np.ndarray:
     data = np.fromfile(file, dtype=np.uint8)
-    # IMREAD_UNCHANGED keeps 16-bit depth and also ignores EXIF, which we apply below.
+    # IMREAD_UNCHANGED keeps 16-bit depth; the orientation is settled below.
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise ValueError("OpenCV could not decode its 16-bit pixel data")
@@ -123,9 +128,18 @@ def _decode_deep_with_opencv(file: Path, orientation: int) -> np.ndarray:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     rgb = _to_uint8(decoded)
     fix = _ORIENTATION_FIX.get(orientation)
-    if fix is not None:
-        rgb = np.asarray(Image.fromarray(rgb).transpose(fix))
-    return np.ascontiguousarray(rgb)
+    if fix is None or upright is None:
+        return np.ascontiguousarray(rgb)
+    # Some decoders turn an image upright themselves (OpenCV 5 and Pillow do for TIFF, not
+    # for PNG): of the pixels as decoded and turned, keep those that match Pillow's reading.
+    turned = np.asarray(Image.fromarray(rgb).transpose(fix))
+    return np.ascontiguousarray(min((rgb, turned), key=lambda candidate: _difference(candidate, upright)))
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
