@@ -51,3 +51,25 @@ def photo(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
         image[(ys - cy) ** 2 + (xs - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
     image += rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+# The tiny model and its ONNX export that tests/test_export*.py share (the export takes seconds).
+@pytest.fixture(scope="session")
+def tiny():
+    return random_tiny_model(3)
+
+
+@pytest.fixture(scope="session")
+def model_path(tiny, tmp_path_factory):
+    import slimseg
+
+    return slimseg.save_model(tiny, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory):
+    """(folder, manifest) of the tiny model exported with int8 and float16 variants."""
+    from slimseg.export.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    return folder, export_onnx(tiny, folder, quantize="int8", fp16=True, source="tiny")

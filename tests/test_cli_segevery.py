@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +173,21 @@ def test_png_rerun_removes_that_images_stale_masks_only(model_path, images, tmp_
     rows = list(csv.DictReader((out / "a" / "metadata.csv").open()))
     assert sorted(p.name for p in (out / "a").iterdir()) == sorted(
         [f"{n}.png" for n in range(len(rows))] + ["00.png", "1.png.bak", "metadata.csv", "notes.txt"])
+
+
+def test_sigterm_ends_the_run_with_one_line_and_no_temporary_files(model_path, images, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(12):
+        (many / f"{index:02d}.png").write_bytes((images / "a.png").read_bytes())
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "slimseg", "segevery", str(many), "-m", str(model_path),
+                                "--device", "cpu", "--out", str(out), "-f", "png", *LOOSE],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()  # one image done: the run is under way
+    process.send_signal(signal.SIGTERM)
+    rest, stderr = process.communicate(timeout=120)
+    assert json.loads(first)["masks"] > 0
+    assert process.returncode == 143 and stderr.strip() == "slimseg: error: terminated", stderr
+    assert len((first + rest).splitlines()) < 12
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]

@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,22 +40,6 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.stderr and not result.stdout.strip()
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return random_tiny_model(3)
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny, tmp_path_factory) -> Path:
-    return slimseg.save_model(tiny, tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory) -> tuple[Path, dict]:
-    folder = tmp_path_factory.mktemp("export") / "tiny-onnx"
-    return folder, export_onnx(tiny, folder, quantize="int8", fp16=True, source="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +137,11 @@ def test_manifest_describes_the_export(exported, tiny):
     assert decoder["outputs"]["masks"]["shape"] == ["prompts", 4, "height", "width"]
     assert manifest["graphs"]["image_encoder"]["inputs"]["image"] == {"shape": ["batch", 3, 256, 256], "dtype": "float32"}
     assert "autoppn" not in manifest["graphs"] and manifest["autoppn"] is None
+    # each written file's own dtypes: float16 encoders take float16, decoders keep float32 IO
+    encoder, decoder = (manifest["graphs"][g]["variants"] for g in ("image_encoder", "decoder"))
+    assert encoder["float16"] == {"file": "image_encoder.float16.onnx",
+                                  "dtypes": {"image": "float16", "image_embeddings": "float16"}}
+    assert encoder["int8"]["dtypes"]["image"] == "float32" and set(decoder["float16"]["dtypes"].values()) == {"float32"}
     diffs = manifest["verification"]["diffs"]
     for case in ("encoder_batch2", "1_box", "16_boxes", "points_padded", "mask_input"):
         assert max(d["rel"] for d in diffs["float32"][case].values()) < 1e-3
@@ -184,6 +172,10 @@ def test_uint8_input_encoder_has_dynamic_batch_and_size(tiny, tmp_path, predicto
     with torch.no_grad():
         want = tiny.image_encoder(tiny.preprocess(images.float()))
     _close(torch.from_numpy(model.embed(images)), want)
+    # the graph would crop or pad any other size silently
+    for shape in [(1, 3, 100, 100), (1, 3, 300, 200), (3, 256, 200)]:
+        with pytest.raises(SlimsegError, match=r"max\(H, W\) == 256"):
+            model.embed(torch.zeros(shape, dtype=torch.uint8))
     predictor = OnnxPredictor(model)
     predictor.set_image(photo(120, 160, seed=4))
     _close(predictor.get_image_embedding(), predictors[0].get_image_embedding())
@@ -341,13 +333,18 @@ def test_cli_export_refuses_a_foreign_folder(model_path, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
-def test_failed_verification_leaves_nothing(tiny, tmp_path, monkeypatch):
+def test_failed_verification_leaves_nothing_and_the_model_as_it_was(tmp_path, monkeypatch):
     from slimseg.export import verify
 
+    model = random_tiny_model(3).to(torch.bfloat16).train()
+    model.mask_decoder.eval()
     monkeypatch.setitem(verify.TOLERANCE, "float32", 1e-12)
     with pytest.raises(SlimsegError, match="failed verification"):
-        export_onnx(tiny, tmp_path / "out")
+        export_onnx(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+    # exported from a float32 copy: the caller's model keeps its dtype and modes
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.training and model.image_encoder.training and not model.mask_decoder.training
 
 
 def test_segment_backend_onnx_needs_an_export_folder(model_path, tmp_path):
@@ -372,3 +369,21 @@ def test_missing_extra_names_what_to_install(model_path, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'slimseg[export]'" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_predictor_without_points_or_boxes_matches_torch(predictors):
+    """No prompt, or only mask_input: the decoder gets no sparse token, as in torch."""
+    torch_predictor, onnx_predictor = predictors
+    want = torch_predictor.predict(return_logits=True)
+    got = onnx_predictor.predict(return_logits=True)
+    for g, w in zip(got, want):
+        _close(torch.from_numpy(g), torch.from_numpy(w))
+    for multimask in (True, False):
+        want = torch_predictor.predict(mask_input=want[2][:1], multimask_output=multimask, return_logits=True)
+        got = onnx_predictor.predict(mask_input=want[2][:1], multimask_output=multimask, return_logits=True)
+        for g, w in zip(got, want):
+            _close(torch.from_numpy(g), torch.from_numpy(w))
+    for return_logits in (True, False):
+        want = torch_predictor.predict_torch(None, None, torch.zeros(0, 4), return_logits=return_logits)
+        got = onnx_predictor.predict_torch(None, None, torch.zeros(0, 4), return_logits=return_logits)
+        assert [(g.shape, g.dtype) for g in got] == [(w.shape, w.dtype) for w in want]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Iterator
 
@@ -28,12 +30,38 @@ def error_line(message: str) -> None:
     console.print(f"[bold red]slimseg: error:[/] {escape(one_line)}", markup=True, highlight=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler stopping a job), raised where the command is,
+    so that it unwinds as on Ctrl-C: temporary files removed, nothing half-written."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn SlimsegError into one line on stderr and its exit status; other exceptions too,
-    unless ``--debug`` asks for the traceback."""
+    unless ``--debug`` asks for the traceback. Ctrl-C and SIGTERM unwind the command and
+    end it with one line, exit status 130 or 143."""
     try:
-        yield
+        with _sigterm_unwinds():
+            yield
+    except Terminated:
+        error_line("terminated")
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except SlimsegError as error:
         if State.debug:
             raise

@@ -40,7 +40,7 @@ def _print_report(manifest: dict) -> None:
 def export(
     model: ModelOption = "sam-b",
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx: image encoder, prompt encoder + mask decoder (and AutoPPN for lite-sam) as ONNX graphs with a slimseg.json manifest, verified in onnxruntime; safetensors: slimseg's own checkpoint format.")] = ExportFormat.onnx,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write (created; an earlier export there, ONNX or safetensors, is replaced; any other non-empty folder is refused).", show_default=False)] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write (created, or filled if empty; an earlier export there, ONNX or safetensors, is replaced if it holds only what slimseg wrote; any other non-empty folder is refused).", show_default=False)] = ...,  # type: ignore[assignment]
     opset: Annotated[Optional[int], typer.Option("--opset", metavar="N", help="ONNX opset, 14 to 20 (default 17).", show_default=False)] = None,
     quantize: Annotated[Optional[Quantization], typer.Option("--quantize", help="Also write int8 graphs (onnxruntime dynamic quantisation of MatMul/Gemm weights) and make them the default.", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write float16 graphs (the decoder keeps float32 inputs and outputs).")] = False,

@@ -14,6 +14,7 @@ temporary sibling folder that is renamed into place, and removed on any failure.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -54,6 +55,27 @@ def _io_spec(spec: GraphSpec) -> dict[str, Any]:
     }
     outputs = {name: {"shape": shape, "dtype": "float32"} for name, shape in spec.outputs.items()}
     return {"inputs": inputs, "outputs": outputs}
+
+
+def _cpu_float_copy(model: PromptableSegmenter) -> PromptableSegmenter:
+    """A float32 CPU copy of ``model`` in eval mode, so that the caller's model keeps its
+    device, dtype and training mode. Its parameters and buffers are copied straight to the
+    CPU (pre-seeded in deepcopy's memo): a copy on the GPU first could run out of memory."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        copied = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+        if isinstance(tensor, torch.nn.Parameter):
+            copied = torch.nn.Parameter(copied, tensor.requires_grad)
+        memo[id(tensor)] = copied
+    return copy.deepcopy(model, memo).to("cpu").float().eval()
+
+
+def _io_dtypes(path: Path) -> dict[str, str]:
+    """The element types of a written graph's inputs and outputs ({"image": "float16", ...})."""
+    onnx = require("onnx", "--format onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {value.name: str(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+            for value in [*graph.input, *graph.output]}
 
 
 def _export_graph(spec: GraphSpec, path: Path, opset: int) -> None:
@@ -103,6 +125,7 @@ def export_onnx(
     ``*.int8.onnx`` with ``quantize="int8"`` and ``*.float16.onnx`` with ``fp16``, and
     slimseg.json. Every variant is run in onnxruntime and compared with torch (see
     slimseg.export.verify); a variant past its tolerance raises SlimsegError and leaves no folder.
+    A float32 CPU copy of ``model`` is exported: ``model`` keeps its device, dtype and mode.
     """
     require("onnx", "--format onnx")
     require("onnxruntime", "--format onnx (verification)")
@@ -111,7 +134,7 @@ def export_onnx(
         raise UsageError(f"--quantize {quantize!r} is not supported: the only choice is int8")
     out = Path(out)
     check_out_folder(out)
-    model = model.to("cpu").float().eval()
+    model = _cpu_float_copy(model)
     specs = graph_specs(model, uint8_input)
     started = time.perf_counter()
     with staging_folder(out) as staging:
@@ -131,6 +154,9 @@ def export_onnx(
         exported = time.perf_counter()
         verification = verify_export(model, staging, variants, uint8_input)
         manifest = _manifest(model, specs, opset, uint8_input)
+        for name, graph in manifest["graphs"].items():
+            graph["variants"] = {variant: {"file": files[name], "dtypes": _io_dtypes(staging / files[name])}
+                                 for variant, files in variants.items()}
         manifest.update(
             source=source, variants=variants,
             default_variant="int8" if quantize else "float16" if fp16 else "float32",

@@ -28,6 +28,15 @@ from slimseg.modeling.sam.sam import normalize_and_pad, upscale_mask_logits
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
                 "tensor(double)": np.float64, "tensor(int64)": np.int64}
+# what a graph input or output may be: float32 and float16 are both fine (GraphRunner casts)
+_KINDS = {"float": ("tensor(float)", "tensor(float16)"), "uint8": ("tensor(uint8)",)}
+Signature = dict[str, tuple[str, list[Any]]]  # name → (kind, dims); None: any size
+
+
+def _one_line(error: BaseException) -> str:
+    """onnxruntime's messages span lines (stack traces included): the gist, on one line."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class GraphRunner:
@@ -36,18 +45,40 @@ class GraphRunner:
 
     def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         ort = require("onnxruntime", "running exported ONNX files")
+        self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3  # constant-folding notices about float16 MatMul are not errors
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as error:  # onnxruntime raises its own exception types
-            raise SlimsegError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+            raise SlimsegError(f"{path}: onnxruntime cannot load it ({_one_line(error)})") from None
         self.input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+
+    def check(self, inputs: Signature, outputs: Signature, what: str) -> None:
+        """Raise one line naming the file unless its inputs and outputs are ``inputs`` and
+        ``outputs`` (names and order, element kinds, ranks and static sizes)."""
+        for role, expected, actual in (("input", inputs, self.session.get_inputs()),
+                                       ("output", outputs, self.session.get_outputs())):
+            names = [value.name for value in actual]
+            if names != list(expected):
+                raise SlimsegError(f"{self.path}: not the {what} the manifest describes: its {role}s are "
+                                   f"{', '.join(names)}, expected {', '.join(expected)}")
+            for value in actual:
+                kind, dims = expected[value.name]
+                shape = list(value.shape)
+                if (value.type not in _KINDS[kind] or len(shape) != len(dims)
+                        or any(isinstance(a, int) and w is not None and a != w for a, w in zip(shape, dims))):
+                    want = ", ".join("?" if w is None else str(w) for w in dims)
+                    raise SlimsegError(f"{self.path}: not the {what} the manifest describes: {role} {value.name} is "
+                                       f"{value.type} {tuple(shape)}, expected {kind} ({want})")
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         feed = {name: np.ascontiguousarray(np.asarray(inputs[name]).astype(dtype, copy=False))
                 for name, dtype in self.input_types.items()}
-        outputs = self.session.run(None, feed)
+        try:
+            outputs = self.session.run(None, feed)
+        except Exception as error:  # onnxruntime's own types (Fail, InvalidArgument, ...)
+            raise SlimsegError(f"{self.path}: onnxruntime failed to run it ({_one_line(error)})") from None
         return [out.astype(np.float32) if out.dtype == np.float16 else out for out in outputs]
 
 
@@ -65,6 +96,25 @@ def providers_for(device: str) -> list[Any]:
         return [("CUDAExecutionProvider", {"device_id": target.index or 0}), "CPUExecutionProvider"]
     raise SlimsegError(f"the onnx backend cannot run on {device}: this onnxruntime offers "
                        f"{', '.join(ort.get_available_providers())} (install onnxruntime-gpu for CUDA)")
+
+
+def graph_signature(manifest: dict[str, Any], graph: str) -> tuple[Signature, Signature]:
+    """The inputs and outputs that ``graph`` must have for the manifest's sizes (see
+    slimseg.export.graphs for the contracts)."""
+    channels, height, width = manifest["embedding_shape"]
+    mask_h, mask_w = manifest["low_res_mask_size"]
+    embedding = ("float", [None, channels, height, width])
+    if graph == "image_encoder":
+        size = manifest["input_size"]
+        image = ("uint8", [None, 3, None, None]) if manifest["image_input"] == "uint8" else ("float", [None, 3, size, size])
+        return {"image": image}, {"image_embeddings": embedding}
+    if graph == "decoder":
+        inputs = {"image_embeddings": embedding, "point_coords": ("float", [None, None, 2]),
+                  "point_labels": ("float", [None, None]), "mask_input": ("float", [None, 1, mask_h, mask_w]),
+                  "has_mask_input": ("float", [1]), "orig_im_size": ("float", [2])}
+        return inputs, {"masks": ("float", [None, None, None, None]), "iou_predictions": ("float", [None, None]),
+                        "low_res_masks": ("float", [None, None, mask_h, mask_w])}
+    return {"image_embeddings": embedding}, {"heatmap_logits": ("float", [None, None, height, width])}
 
 
 @dataclass(frozen=True)
@@ -116,10 +166,12 @@ class OnnxSam:
         self.pixel_mean = torch.tensor(self.manifest["pixel_mean"]).view(-1, 1, 1)
         self.pixel_std = torch.tensor(self.manifest["pixel_std"]).view(-1, 1, 1)
         self.low_res_size = tuple(self.manifest["low_res_mask_size"])
-        self.encoder = GraphRunner(self.folder / files["image_encoder"], providers)
-        self.decoder = GraphRunner(self.folder / files["decoder"], providers)
-        self.autoppn = (OnnxAutoPPN(GraphRunner(self.folder / files["autoppn"], providers), self.manifest["autoppn"])
-                        if "autoppn" in files else None)
+        runners = {}
+        for graph, name in files.items():
+            runners[graph] = GraphRunner(self.folder / name, providers)
+            runners[graph].check(*graph_signature(self.manifest, graph), f"{graph} graph")
+        self.encoder, self.decoder = runners["image_encoder"], runners["decoder"]
+        self.autoppn = OnnxAutoPPN(runners["autoppn"], self.manifest["autoppn"]) if "autoppn" in runners else None
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +189,11 @@ class OnnxSam:
 
     def embed(self, image: torch.Tensor) -> np.ndarray:
         """(B, 3, h, w) resized 0-255 image, max(h, w) == img_size → (B, C, h', w') embedding."""
+        shape = tuple(image.shape)
+        if len(shape) != 4 or shape[1] != 3 or min(shape[2:]) < 1 or max(shape[2:]) != self.img_size:
+            # the graphs would crop or pad a wrong-sized image silently
+            raise SlimsegError(f"{self.folder}: the image encoder takes (B, 3, H, W) images resized so that "
+                               f"max(H, W) == {self.img_size} (ResizeLongestSide), got {shape}")
         if self.uint8_input:
             pixels = image.round().clamp(0, 255).to(torch.uint8) if image.is_floating_point() else image
             return self.encoder.run({"image": pixels.cpu().numpy()})[0]
@@ -187,7 +244,11 @@ class OnnxPredictor(Predictor):
             coords.append(corners)
             labels.append(np.tile(np.float32([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]), (len(corners), 1)))
         if not coords:
-            raise SlimsegError("the onnx backend needs point or box prompts")
+            # no point or box: an empty point axis gives the decoder no sparse token, exactly
+            # as the torch prompt encoder does (a padding point would add one)
+            batch = 1 if mask_input is None else mask_input.shape[0]
+            coords.append(np.zeros((batch, 0, 2), np.float32))
+            labels.append(np.zeros((batch, 0), np.float32))
         if mask_input is None:
             masks, has_mask = np.zeros((1, 1, *self.model.low_res_size), np.float32), np.zeros(1, np.float32)
         else:
@@ -226,6 +287,11 @@ class OnnxPredictor(Predictor):
         self._require_image()
         if point_coords is not None and point_labels is None:
             raise SlimsegError("point_labels must be given with point_coords")
+        prompts = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
+        if prompts == 0:  # onnxruntime fails on an empty prompt axis; torch returns empty outputs
+            tokens = 3 if multimask_output else 1
+            masks = torch.zeros(0, tokens, *self.original_size, dtype=torch.float32 if return_logits else torch.bool)
+            return masks, torch.zeros(0, tokens), torch.zeros(0, tokens, *self.model.low_res_size)
         masks, iou, low_res = self.model.decode(self._decoder_inputs(point_coords, point_labels, boxes, mask_input))
         # output 0 is the single-mask answer, 1..3 the multimask candidates (as MaskDecoder.forward)
         selected = slice(1, None) if multimask_output else slice(0, 1)
