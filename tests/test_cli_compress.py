@@ -1,16 +1,23 @@
-"""``slimseg prune`` and ``slimseg distill`` end to end on a tiny model and a generated SA-1B folder."""
+"""``slimseg prune`` and ``slimseg distill`` end to end on a tiny model and a generated SA-1B folder,
+and ``alternate_slimming`` (what ``slimseg prune`` runs) from Python."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_tiny_model
 from typer.testing import CliRunner
 
 import slimseg
 from slimseg.cli.app import app
+from slimseg.compress.distill_config import DistillConfig
+from slimseg.compress.slimming import SlimmingPlan, alternate_slimming
+from slimseg.data.datasets import ImageFolderDataset
 from slimseg.data.synthetic import write_sa1b_folder
+from slimseg.errors import SlimsegError
 from slimseg.modeling.lite_sam import LiteSam
 from test_train import tiny_lite_sam_config
 
@@ -127,3 +134,47 @@ def test_distill_refuses_to_overwrite_a_finished_run(teacher_path, sa1b, tmp_pat
     assert again.exit_code == 2, again.output
     assert "last.ckpt" in again.stderr and "--resume" in again.stderr
     assert (tmp_path / "run" / "last.ckpt").read_bytes() == finished
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"ratio": float("nan")}, "ratio must be a number in"),
+    ({"ratio": "0.5"}, "ratio must be a number in"),
+    ({"ratio": 1.0}, "ratio must be a number in"),
+    ({"ratio": 0.93, "mode": "global", "stage": "bottleneck"}, "highest reachable ratio is"),
+    ({"ratio": 0.95, "stage": "embedding"}, "leaves no channels"),
+    ({"mode": "glob"}, "unknown pruning mode 'glob'"),
+    ({"stage": "heads"}, "unknown stage 'heads'"),
+    ({"importance": "l2"}, "unknown importance 'l2'"),
+    ({"grad_images": 0}, "grad_images must be >= 1"),
+    ({"distill_epochs": -1}, "distill_epochs must be >= 0"),
+    ({"distill": DistillConfig(lr=float("inf"))}, "lr must be a finite number"),
+])
+def test_slimming_plan_is_checked_before_the_gradient_pass(sa1b, tmp_path, changes, fragment):
+    steps: list[str] = []
+    plan = SlimmingPlan(**{"ratio": 0.5, "grad_images": 2, "distill_epochs": 1, **changes})
+    with pytest.raises(SlimsegError, match=fragment):
+        alternate_slimming(random_tiny_model(3), ImageFolderDataset(sa1b, img_size=256), plan, tmp_path / "work",
+                           torch.device("cpu"), on_step=steps.append)
+    assert steps == [] and not (tmp_path / "work").exists()
+
+
+def test_slimming_data_of_another_size_is_refused_before_the_gradient_pass(sa1b, tmp_path):
+    steps: list[str] = []
+    with pytest.raises(SlimsegError, match="build the dataset with img_size=256"):
+        alternate_slimming(random_tiny_model(3), ImageFolderDataset(sa1b, img_size=128),
+                           SlimmingPlan(ratio=0.5, grad_images=2, distill_epochs=0), tmp_path, torch.device("cpu"),
+                           on_step=steps.append)
+    assert steps == []
+
+
+def test_random_importance_follows_the_plan_seed_not_the_global_rng(sa1b):
+    def pruned(global_seed: int, plan_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # whatever a notebook did before
+        plan = SlimmingPlan(ratio=0.5, mode="global", importance="random", distill_epochs=0,
+                            distill=DistillConfig(seed=plan_seed))
+        return alternate_slimming(random_tiny_model(3), ImageFolderDataset(sa1b, img_size=256), plan,
+                                  Path("unused"), torch.device("cpu")).model.image_encoder.state_dict()
+
+    first, second, other = pruned(1, 5), pruned(2, 5), pruned(1, 6)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(first[k].shape != other[k].shape or not torch.equal(first[k], other[k]) for k in first)

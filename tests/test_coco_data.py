@@ -110,6 +110,10 @@ def test_store_resumes_drops_torn_lines_and_refuses_other_settings(tmp_path):
     other = ResultStore(tmp_path / "r.images", {"prompt": "point"})
     with pytest.raises(SlimsegError, match="different run .*prompt.*--restart"):
         other.check(restart=False)
+    # prepare() alone (the Python example) must refuse too, and leave the old run's settings
+    with pytest.raises(SlimsegError, match="different run .*prompt.*--restart"):
+        other.prepare(restart=False)
+    assert json.loads((tmp_path / "r.images" / "settings.json").read_text()) == {"prompt": "box"}
     other.check(restart=True)
     other.prepare(restart=True)
     assert other.records() == {}

@@ -352,3 +352,65 @@ def test_torchrun_two_processes_on_cpu(data_root: Path, tmp_path: Path) -> None:
     assert epochs[0]["images"] == 6
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
     assert slimseg.load_model(out_dir / "final.safetensors", device="cpu").config.image_encoder.embed_dim == 48
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
+    ({"epochs": "2"}, "epochs must be an integer, got '2'"),
+    ({"batch_size": True}, "batch_size must be an integer"),
+    ({"intermediate_epochs": 0.5}, "intermediate_epochs must be an integer"),
+    ({"intermediate_weight": float("nan")}, "intermediate_weight must be a finite number"),
+])
+def test_config_needs_integers_and_finite_numbers(changes, fragment) -> None:
+    with pytest.raises(SlimsegError, match=fragment):
+        DistillConfig(**changes).validate()
+
+
+def test_unusable_data_is_refused_before_any_epoch(data_root: Path, tmp_path: Path) -> None:
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for index in range(2):
+        (unreadable / f"x{index}.jpg").write_bytes(b"not a jpeg")
+    unannotated = tmp_path / "unannotated"
+    write_sa1b_folder(unannotated, 2, size=(96, 128), seed=3, objects=0)
+    train, val = datasets(data_root)
+    small = dict(_options(), img_size=128)
+    cases = [  # (student config, train, val, intermediate weight, message)
+        (None, ImageFolderDataset(unreadable, **_options()), None, 0.5, "no readable image"),
+        (None, ImageFolderDataset(unreadable, **_options()), None, 0.0, "no readable image"),
+        (None, [], None, 0.5, "distill: train is empty"),
+        (None, ImageFolderDataset(data_root, **small), None, 0.5, "build the dataset with img_size=256"),
+        (tiny_config(img_size=128), ImageFolderDataset(data_root, **small), None, 0.5,
+         "the teacher takes 256 px .* teacher_img_size=256"),
+        (None, train, SA1BDataset(unannotated, **_options()), 0.5, "no readable image with an annotated object"),
+        (None, train, train, 0.5, "needs SA-1B masks .* ImageFolderDataset"),
+    ]
+    for student_config, data, validation, weight, fragment in cases:
+        student, teacher = make_pair(student_config)
+        out_dir = tmp_path / "run"
+        with pytest.raises(SlimsegError, match=fragment):
+            distill(student, teacher, data, out_dir, DistillConfig(epochs=1, intermediate_weight=weight, **FAST),
+                    val=validation)
+        assert not out_dir.exists(), fragment
+
+
+def test_a_used_folder_and_changed_settings_are_refused(reference_run: Path, data_root: Path, tmp_path: Path) -> None:
+    train, val = datasets(data_root)
+    untouched = {path.name: path.read_bytes() for path in reference_run.iterdir()}
+    student, teacher = make_pair()
+    with pytest.raises(SlimsegError, match=r"folder is not empty \(it holds a run \(last.ckpt\)\); give resume=True"):
+        distill(student, teacher, train, reference_run, DistillConfig(epochs=4, **FAST), val=val)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SlimsegError, match="notes.txt"):
+        distill(student, teacher, train, tmp_path, DistillConfig(epochs=1, **FAST))
+    changed = DistillConfig(epochs=5, **{**FAST, "lr": 1e-2}, intermediate_epochs=3)
+    with pytest.raises(SlimsegError, match="lr was 0.001 there, now 0.01; .*intermediate_epochs was 2 there, now 3"):
+        distill(student, teacher, train, reference_run, changed, val=val, resume=True)
+    other_teacher = make_pair()[1]
+    with torch.no_grad():
+        other_teacher.image_encoder.neck[0].weight.mul_(1.01)
+    with pytest.raises(SlimsegError, match="the teacher's weights .* differ from the ones the run started with"):
+        distill(student, other_teacher, train, reference_run, DistillConfig(epochs=5, **FAST), val=val, resume=True)
+    assert {path.name: path.read_bytes() for path in reference_run.iterdir()} == untouched

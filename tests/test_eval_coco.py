@@ -299,3 +299,17 @@ def test_torchrun_shards_images_and_merges(coco_root, model_path, tmp_path):
             for rank in (0, 1)] == [[100, 114], [107]]
     single = evaluate(coco_root, model_path, "--prompt", "box", "--out", str(tmp_path / "single.json"))
     assert report["metrics"]["miou"] == pytest.approx(single["metrics"]["miou"], abs=1e-6)
+
+
+def test_python_api_refuses_bad_batch_and_prompt_kind(coco_root, model_path):
+    from slimseg.data.coco import load_coco_split
+    from slimseg.errors import SlimsegError
+    from slimseg.evaluation.coco import CocoEvaluation, score_records
+
+    split = load_coco_split(coco_root, "val2017")
+    predictor = slimseg.Predictor(slimseg.load_model(model_path, device="cpu"))
+    for batch in (0, -1, 2.5, "8"):
+        with pytest.raises(SlimsegError, match="batch must be an integer >= 1"):
+            CocoEvaluation(split, "box", predictor=predictor, batch=batch)
+    with pytest.raises(SlimsegError, match="prompt 'boxes': choose one of box, point"):
+        score_records(split, split.select(limit=1), {}, "boxes")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_tiny_model, tiny_config
@@ -311,3 +312,28 @@ def test_frozen_encoder_is_pruned_and_stays_frozen() -> None:
     prune_image_encoder(model, 0.5, "bottleneck")
     assert widths(model) == (48, [24] * 4, [24] * 4, [48] * 4)
     assert not any(p.requires_grad for p in model.image_encoder.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_prunes_a_model_in_its_own_dtype(dtype) -> None:
+    model = tiny_model().to(dtype)
+    report = prune_image_encoder(model, 0.5, "bottleneck", importance="magnitude")  # a name, as the CLI gives
+    assert report.params_after < report.params_before
+    assert embed(model, images(1)[0].to(dtype)).dtype == dtype
+
+
+def test_numbers_names_and_tracing_inputs_are_checked_before_tracing() -> None:
+    for ratio in (np.float32(0.5), torch.tensor(0.5)):
+        assert prune_image_encoder(tiny_model(), ratio, "embedding").ratio == 0.5
+    with pytest.raises(SlimsegError, match="ratio must be a number in"):
+        prune_image_encoder(tiny_model(), "0.5", "embedding")
+    with pytest.raises(SlimsegError, match="unknown importance 'l2'"):
+        prune_image_encoder(tiny_model(), 0.5, "embedding", importance="l2")
+    with pytest.raises(SlimsegError, match=r"example_input must be a \(1, 3, 256, 256\) tensor"):
+        prune_image_encoder(tiny_model(), 0.5, "bottleneck", example_input=torch.zeros(1, 3, 128, 128))
+    with pytest.raises(SlimsegError, match="meta device"):
+        prune_image_encoder(tiny_model().to("meta"), 0.5, "bottleneck")
+    model = tiny_model()
+    for sigma in (float("nan"), float("inf"), -1.0, "0.01"):
+        with pytest.raises(SlimsegError, match="sigma must be"):
+            accumulate_disturbed_gradients(model.image_encoder, copy.deepcopy(model).image_encoder, images(1), sigma)

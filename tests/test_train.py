@@ -3,6 +3,7 @@ mask supervision, AutoPPN on SA-1B annotations (also attached to a SAM), from Py
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -222,3 +223,40 @@ def test_mask_training_repeats_exactly_with_the_same_seed(folders, tmp_path) -> 
     first = losses("a", seed=5)
     torch.manual_seed(2)
     assert losses("b", seed=5) == first
+
+
+def test_unusable_training_or_validation_data_is_refused_before_any_epoch(folders, tmp_path) -> None:
+    unannotated = tmp_path / "unannotated"
+    write_sa1b_folder(unannotated, 2, size=(96, 128), seed=3, objects=0)
+    good = SA1BDataset(folders[0], img_size=128)
+    cases = [  # (stage, data, val, message)
+        ("masks", SA1BDataset(unannotated, img_size=128), None, "train: data .* no readable image with an annotated"),
+        ("autoppn", SA1BDataset(unannotated, img_size=128), None, "no readable image with an annotated object"),
+        ("masks", ImageFolderDataset(folders[0], img_size=128), None, "needs SA-1B masks .* ImageFolderDataset"),
+        ("masks", SA1BDataset(folders[0], img_size=256), None, "build the dataset with img_size=128"),
+        ("autoppn", [], None, "train: data is empty"),
+        ("masks", good, SA1BDataset(unannotated, img_size=128), "train: val .* no readable image with an annotated"),
+        ("autoppn", good, ImageFolderDataset(folders[1], img_size=128), "train: val .* needs SA-1B masks"),
+        ("autoppn", good, SA1BDataset(folders[1], img_size=256), "train: val: .* img_size=128"),
+    ]
+    for stage, data, val, fragment in cases:
+        with pytest.raises(SlimsegError, match=fragment):
+            train(LiteSam(tiny_lite_sam_config()), data, tmp_path / "run", fast(1), stage=stage, val=val)
+        assert not (tmp_path / "run").exists(), fragment
+
+
+def test_resume_refuses_other_settings_and_another_frozen_base(folders, tmp_path) -> None:
+    data = SA1BDataset(folders[0], img_size=128)
+    torch.manual_seed(0)
+    base = LiteSam(tiny_lite_sam_config())
+    train(copy.deepcopy(base), data, tmp_path / "autoppn", fast(1), stage="autoppn")
+    with pytest.raises(SlimsegError, match="not empty .*give resume=True"):
+        train(copy.deepcopy(base), data, tmp_path / "autoppn", fast(1), stage="autoppn")
+    with pytest.raises(SlimsegError, match="settings differ from the run's .*lr was 0.001 there, now 0.01"):
+        train(copy.deepcopy(base), data, tmp_path / "autoppn", fast(2, lr=1e-2), stage="autoppn", resume=True)
+    torch.manual_seed(1)
+    with pytest.raises(SlimsegError, match="the model's weights outside its AutoPPN differ"):
+        train(LiteSam(tiny_lite_sam_config()), data, tmp_path / "autoppn", fast(2), stage="autoppn", resume=True)
+    train(copy.deepcopy(base), data, tmp_path / "masks", fast(1), stage="masks", max_masks=1)
+    with pytest.raises(SlimsegError, match="max_masks was 1 there, now 2"):
+        train(copy.deepcopy(base), data, tmp_path / "masks", fast(2), stage="masks", max_masks=2, resume=True)

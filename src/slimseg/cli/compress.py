@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, check_output_path, console, user_errors
+from slimseg.compress.checks import check_run_folder as check_fresh_run_folder
 from slimseg.errors import UsageError
 from slimseg.modeling.sam import Sam
 from slimseg.zoo import load_model, save_model
@@ -52,16 +53,10 @@ def starting_model(name_or_path: str, device: torch.device, offline: bool, resum
 
 
 def check_run_folder(out: Path, resume: bool) -> None:
-    """A fresh run must not overwrite a finished one (last.ckpt, best.safetensors, ...) nor
-    write into a folder of other files, such as the --data images it would then train on."""
+    """``--out`` must be a writable folder, and a fresh run must not overwrite a finished one
+    nor write into a folder of other files (the library's check, under the options' names)."""
     check_output_path(out, folder=True)
-    if resume or not out.is_dir():
-        return
-    present = sorted(entry.name for entry in out.iterdir())
-    if present:
-        what = "a run (last.ckpt)" if "last.ckpt" in present else f"{len(present)} file(s), e.g. {present[0]}"
-        raise UsageError(f"--out {out}: folder is not empty (it holds {what}); give --resume to continue a run, "
-                         "or an empty or new folder")
+    check_fresh_run_folder(out, resume, "--out", "--resume")
 
 
 def _summary(label: str, model: Sam) -> dict:

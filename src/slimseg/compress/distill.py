@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import Dataset
 
+from slimseg.compress.checks import check_annotated, check_image_size, check_run_folder, first_item
 from slimseg.compress.distill_config import DistillConfig, DistillResult
 from slimseg.compress.distributed import init_distributed_from_env, process_group
 from slimseg.compress.losses import FeatureTaps, match_features
@@ -35,13 +36,24 @@ from slimseg.modeling.sam import Sam
 __all__ = ["DistillConfig", "DistillResult", "distill", "init_distributed_from_env", "point_miou_validator"]
 
 
-def _first_images(train: Dataset, device: torch.device) -> torch.Tensor:
-    """(1, 3, S, S): the first readable training image, for the dry forward that matches features."""
-    for index in range(len(train)):
-        item = train[index]
-        if item is not None:
-            return item["image"][None].to(device)
-    raise SlimsegError("distill: no readable image in the training set")
+def check_distill_data(student: Sam, teacher: Sam, train: Dataset, val: Dataset | None,
+                       val_limit: int | None) -> dict[str, Any]:
+    """Refuse, before any epoch, data that the run could not use: an empty or unreadable
+    training set, images at another size than the student's (or, for a teacher of another
+    size, without its copy at the teacher's size), a validation set without annotated
+    objects. Returns the first readable training item (for the dry forward)."""
+    item = first_item(train, "distill: train")
+    check_image_size(item, "distill: train", student.img_size, model="the student")
+    if "teacher_image" in item or teacher.img_size != student.img_size:
+        if "teacher_image" not in item:
+            raise SlimsegError(f"distill: train: the teacher takes {teacher.img_size} px and the student "
+                               f"{student.img_size} px, but the dataset gives no teacher_image; build it with "
+                               f"teacher_img_size={teacher.img_size}")
+        check_image_size(item, "distill: train", teacher.img_size, "teacher_image", "teacher_img_size",
+                         model="the teacher")
+    if val is not None:
+        check_annotated(val, "distill: val", val_limit)
+    return item
 
 
 def point_miou_validator(val: Dataset, limit: int | None) -> Callable[[torch.nn.Module], float]:
@@ -63,6 +75,7 @@ def distill(
     device: torch.device | str = "cpu",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> DistillResult:
     """Distil ``teacher.image_encoder`` into ``student.image_encoder`` (trained in place).
 
@@ -80,6 +93,8 @@ def distill(
         device: with DDP on CUDA, each rank uses ``cuda:LOCAL_RANK`` instead.
         on_epoch_end: called on every rank with each epoch record after its files are written.
         console: where the progress bars go (rank 0, terminals only); stderr by default.
+        overwrite: start afresh in an ``out_dir`` that holds a run or other files; without it
+            (and without ``resume``) such a folder is refused, as ``slimseg distill`` does.
 
     Under torchrun (``WORLD_SIZE`` > 1) the process group is started here if needed (and
     destroyed again at the end); the objective (student encoder and teacher) is wrapped in
@@ -87,13 +102,15 @@ def distill(
     """
     config.validate()
     out_dir = Path(out_dir)
+    check_run_folder(out_dir, resume or overwrite)
+    first = check_distill_data(student, teacher, train, val, config.val_limit)
     with process_group() as (rank, world):
-        return _distill(student, teacher, train, out_dir, config, val, resume, resolve_device(device),
+        return _distill(student, teacher, train, first, out_dir, config, val, resume, resolve_device(device),
                         on_epoch_end, console, rank, world)
 
 
-def _distill(student: Sam, teacher: Sam, train: Dataset, out_dir: Path, config: DistillConfig,
-             val: Dataset | None, resume: bool, device: torch.device,
+def _distill(student: Sam, teacher: Sam, train: Dataset, first: dict[str, Any], out_dir: Path,
+             config: DistillConfig, val: Dataset | None, resume: bool, device: torch.device,
              on_epoch_end: Callable[[dict[str, Any]], None] | None, console: Console | None,
              rank: int, world: int) -> DistillResult:
     if world > 1 and device.type == "cuda":
@@ -104,7 +121,9 @@ def _distill(student: Sam, teacher: Sam, train: Dataset, out_dir: Path, config: 
     teacher.requires_grad_(False)
     encoder.requires_grad_(True)
     mode = "max" if val is not None else "min"
-    state = load_resume_state(out_dir, "distill", student, config, mode) if resume else None
+    # An explicit intermediate_epochs must match the stored schedule; None keeps it.
+    settings = {} if config.intermediate_epochs is None else {"intermediate_epochs": config.intermediate_epochs}
+    state = load_resume_state(out_dir, "distill", student, config, mode, settings) if resume else None
     intermediate_epochs = config.intermediate_epochs
     if intermediate_epochs is None and state is not None:  # keep the schedule the run started with
         intermediate_epochs = int(state["intermediate_epochs"])
@@ -117,7 +136,7 @@ def _distill(student: Sam, teacher: Sam, train: Dataset, out_dir: Path, config: 
     same_input = student.img_size == teacher.img_size
     if config.intermediate_weight > 0 and done_epochs < min(intermediate_epochs, config.epochs):
         if same_input:
-            pairs = match_features(encoder, teacher_encoder, _first_images(train, device), config.align)
+            pairs = match_features(encoder, teacher_encoder, first["image"][None].to(device), config.align)
         if rank == 0:
             names = ", ".join(pair.name for pair in pairs) or (
                 "none match, embedding loss only" if same_input else
@@ -132,7 +151,8 @@ def _distill(student: Sam, teacher: Sam, train: Dataset, out_dir: Path, config: 
         objective=EmbeddingDistillation(encoder, teacher_encoder, pairs, student_taps, teacher_taps),
         validate=point_miou_validator(val, config.val_limit) if val is not None else None,
         weight_for_epoch=lambda epoch: weight if pairs and epoch <= intermediate_epochs else None,
-        extra_state={"intermediate_epochs": intermediate_epochs}, title="Distillation loss")
+        extra_state={"intermediate_epochs": intermediate_epochs}, title="Distillation loss",
+        references=(teacher,), frozen_name="the teacher's weights or the student's outside its image encoder")
     try:
         result = run_training(task, train, out_dir, config, device, state, progress, on_epoch_end)
     finally:

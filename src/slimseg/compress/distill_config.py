@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimseg.compress.checks import as_integer, as_real
 from slimseg.compress.losses import ALIGN_CHOICES
 from slimseg.errors import SlimsegError
 
@@ -36,21 +37,24 @@ class DistillConfig:
     log_every: int = 10
 
     def validate(self) -> None:
+        """Refuse what would fail or mislead only later: counts must be integers (1.5 epochs
+        would run 2), floats finite (an infinite lr gives NaN weights)."""
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise SlimsegError(f"distill: {name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+            as_integer(getattr(self, name), f"distill: {name}", 1)
+        as_integer(self.seed, "distill: seed")
+        as_integer(self.num_workers, "distill: num_workers", 0)
+        if self.intermediate_epochs is not None:
+            as_integer(self.intermediate_epochs, "distill: intermediate_epochs", 0)
+        if self.val_limit is not None:
+            as_integer(self.val_limit, "distill: val_limit", 1)
+        if not as_real(self.lr, "distill: lr") > 0:
             raise SlimsegError(f"distill: lr must be positive, got {self.lr}")
-        if not 0.0 <= self.intermediate_weight <= 1.0:
+        if not 0.0 <= as_real(self.intermediate_weight, "distill: intermediate_weight") <= 1.0:
             raise SlimsegError(f"distill: intermediate_weight must be in 0..1, got {self.intermediate_weight}")
-        if self.intermediate_epochs is not None and self.intermediate_epochs < 0:
-            raise SlimsegError(f"distill: intermediate_epochs must be >= 0, got {self.intermediate_epochs}")
+        if not isinstance(self.amp, bool):
+            raise SlimsegError(f"distill: amp must be True or False, got {self.amp!r}")
         if self.align not in ALIGN_CHOICES:
             raise SlimsegError(f"distill: align must be one of {', '.join(ALIGN_CHOICES)}, got {self.align!r}")
-        if self.num_workers < 0:
-            raise SlimsegError(f"distill: num_workers must be >= 0, got {self.num_workers}")
-        if self.val_limit is not None and self.val_limit < 1:
-            raise SlimsegError(f"distill: val_limit must be >= 1, got {self.val_limit}")
 
 
 @dataclass

@@ -16,13 +16,28 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimseg.compress.checks import as_real
 from slimseg.errors import SlimsegError
 
 IMPORTANCE_CHOICES = ("disturbed-taylor", "taylor", "magnitude", "random")
 GRADIENT_IMPORTANCES = ("disturbed-taylor", "taylor")
 
 
-def make_importance(name: str, normalizer: str = "mean") -> tp.importance.Importance:
+class SeededRandomImportance(tp.importance.RandomImportance):
+    """tp's uniform random scores, drawn from ``generator`` instead of the global RNG (which
+    anything else may have advanced), so that a seed fixes the pruned model."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    @torch.no_grad()
+    def __call__(self, group: tp.Group, **kwargs: object) -> torch.Tensor:
+        _, idxs = group[0]
+        return torch.rand(len(idxs), generator=self.generator)
+
+
+def make_importance(name: str, normalizer: str = "mean",
+                    generator: torch.Generator | None = None) -> tp.importance.Importance:
     """The torch-pruning importance object for one of :data:`IMPORTANCE_CHOICES`.
 
     * ``"disturbed-taylor"``: group Taylor importance (mean over the coupled layers) of the
@@ -32,7 +47,8 @@ def make_importance(name: str, normalizer: str = "mean") -> tp.importance.Import
       (e.g. before the second stage): on an unpruned student every gradient is exactly zero
       and :func:`~slimseg.compress.prune.prune_image_encoder` refuses to rank with it;
     * ``"magnitude"``: group L2 norm of the weights (label- and data-free);
-    * ``"random"``: uniform random scores (the baseline).
+    * ``"random"``: uniform random scores (the baseline), from ``generator`` (a CPU
+      generator; default the global RNG).
 
     ``normalizer`` rescales each group's scores before ranking ("mean" as SlimSAM's first
     stage; "gaussian" z-scores them, which SlimSAM uses for global ranking across blocks).
@@ -42,7 +58,7 @@ def make_importance(name: str, normalizer: str = "mean") -> tp.importance.Import
     if name == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=normalizer)
     if name == "random":
-        return tp.importance.RandomImportance()
+        return SeededRandomImportance(generator)
     raise SlimsegError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCE_CHOICES)}")
 
 
@@ -71,7 +87,8 @@ def accumulate_disturbed_gradients(
     Returns:
         the number of images seen.
     """
-    if sigma < 0:
+    # NaN would slip past "sigma < 0" and fill every gradient with NaN, which Taylor ranks silently.
+    if as_real(sigma, "sigma") < 0:
         raise SlimsegError(f"sigma must be >= 0, got {sigma}")
     if sigma == 0 and _same_weights(student_encoder, teacher_encoder):
         # The exact gradient is zero; autograd would return float noise instead (the no-grad

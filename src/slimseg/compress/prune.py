@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -25,7 +26,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from slimseg.compress.checks import as_integer
 from slimseg.compress.importance import check_gradients, make_importance, uses_gradients
+from slimseg.compress.prune_global import check_global_budget, global_bottleneck_groups
 from slimseg.errors import SlimsegError
 from slimseg.modeling.sam import Sam, SamConfig
 from slimseg.modeling.sam.image_encoder import Attention, ImageEncoderViT
@@ -61,7 +64,7 @@ def prune_image_encoder(
     stage: Stage,
     *,
     mode: Mode = "local",
-    importance: tp.importance.Importance | None = None,
+    importance: tp.importance.Importance | str | None = None,
     round_to: int | None = None,
     example_input: torch.Tensor | None = None,
 ) -> PruneReport:
@@ -75,31 +78,25 @@ def prune_image_encoder(
             so widths differ per block (SlimSAM's second stage); every block keeps at least
             one q/k/v offset and ``round_to`` MLP channels, and a ratio those floors make
             unreachable is refused with the highest reachable one.
-        importance: a torch-pruning importance (:func:`make_importance`); default magnitude.
-            Taylor importances read the gradients accumulated *before* this call.
+        importance: a torch-pruning importance, or the name of one (:func:`make_importance`);
+            default magnitude. Taylor importances read the gradients accumulated *before* this call.
         round_to: kept embedding / MLP widths are multiples of it (default: the head count);
             q/k/v widths are always (kept offsets) x heads.
         example_input: (1, 3, S, S) tracing input at the encoder's full size (pos_embed fixes
-            the token grid); default zeros on the model's device.
+            the token grid); default zeros in the encoder's dtype, on its device.
     """
-    _check_arguments(ratio, stage, mode, round_to)
+    ratio, round_to = check_pruning(model, ratio, stage, mode, round_to)
     encoder = model.image_encoder
-    if not isinstance(encoder, ImageEncoderViT):
-        raise SlimsegError(f"can only prune slimseg's ImageEncoderViT, got {type(encoder).__name__}")
     params_before = count_parameters(encoder)
     if ratio == 0:
         return PruneReport(stage, mode, 0.0, model.config, params_before, params_before)
+    if isinstance(importance, str):
+        importance = make_importance(importance, normalizer="gaussian" if mode == "global" else "mean")
     importance = importance if importance is not None else make_importance("magnitude")
     if uses_gradients(importance):
         check_gradients(encoder)
     attentions = [block.attn for block in encoder.blocks]
-    round_to = round_to or math.lcm(*(attn.num_heads for attn in attentions))
-    if stage == "bottleneck" and mode == "global":
-        _check_global_budget(encoder, ratio, round_to)  # blocks share a budget: totals matter
-    else:
-        _check_widths_survive(encoder, ratio, stage, round_to)
-    if example_input is None:
-        example_input = torch.zeros(1, 3, encoder.img_size, encoder.img_size, device=model.device)
+    example_input = _tracing_input(encoder, example_input)
 
     # tp traces through autograd: a frozen encoder would give no graph and silently no groups.
     frozen = {name for name, param in encoder.named_parameters() if not param.requires_grad}
@@ -123,15 +120,49 @@ def prune_image_encoder(
     return PruneReport(stage, mode, float(ratio), config, params_before, params_after, reset)
 
 
-def _check_arguments(ratio: float, stage: str, mode: str, round_to: int | None) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise SlimsegError(f"pruning ratio must be in [0, 1), got {ratio!r}")
+def check_pruning(model: Sam, ratio: Any, stage: str, mode: str, round_to: int | None = None) -> tuple[float, int]:
+    """Everything ``prune_image_encoder`` would refuse that can be known without pruning:
+    the arguments, the encoder type, and a ratio the widths cannot reach (which depends only
+    on the sub-structure pruned, so it holds for every stage of alternate slimming too).
+    Returns the ratio as a float and the effective ``round_to``."""
+    if isinstance(ratio, torch.Tensor) and ratio.dim() == 0 and not ratio.dtype.is_complex:
+        ratio = ratio.item()
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
+        raise SlimsegError(f"pruning ratio must be a number in [0, 1), got {ratio!r}")
+    ratio = float(ratio)
     if stage not in ("embedding", "bottleneck"):
         raise SlimsegError(f"unknown pruning stage {stage!r}; choose embedding or bottleneck")
     if mode not in ("local", "global"):
         raise SlimsegError(f"unknown pruning mode {mode!r}; choose local or global")
-    if round_to is not None and round_to < 1:
-        raise SlimsegError(f"round_to must be >= 1, got {round_to}")
+    if round_to is not None:
+        as_integer(round_to, "round_to", 1)
+    encoder = getattr(model, "image_encoder", None)
+    if not isinstance(encoder, ImageEncoderViT):
+        raise SlimsegError(f"can only prune slimseg's ImageEncoderViT, got {type(encoder).__name__}")
+    round_to = round_to or math.lcm(*(block.attn.num_heads for block in encoder.blocks))
+    if ratio == 0:
+        return ratio, round_to
+    if stage == "bottleneck" and mode == "global":
+        check_global_budget(encoder, ratio, round_to)  # blocks share a budget: totals matter
+    else:
+        _check_widths_survive(encoder, ratio, stage, round_to)
+    return ratio, round_to
+
+
+def _tracing_input(encoder: ImageEncoderViT, example_input: torch.Tensor | None) -> torch.Tensor:
+    """The (1, 3, S, S) input torch-pruning traces with, in the encoder's dtype and on its device
+    (a float32 input would not pass a bfloat16 patch embedding)."""
+    weight = encoder.patch_embed.proj.weight
+    if weight.device.type == "meta":
+        raise SlimsegError("the model is on the meta device (it has no weights); load or materialise it first")
+    size = encoder.img_size
+    if example_input is None:
+        return torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+    if not isinstance(example_input, torch.Tensor) or tuple(example_input.shape) != (1, 3, size, size):
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+        raise SlimsegError(f"example_input must be a (1, 3, {size}, {size}) tensor (the encoder's input size), "
+                           f"got {shape}")
+    return example_input.to(device=weight.device, dtype=weight.dtype)
 
 
 def _check_widths_survive(encoder: ImageEncoderViT, ratio: float, stage: Stage, round_to: int) -> None:
@@ -195,7 +226,7 @@ def _run_pruner(
         pruner = tp.pruner.BasePruner(encoder, example_input, importance, **kwargs)
     try:
         if stage == "bottleneck" and mode == "global":
-            groups = _global_bottleneck_groups(pruner, blocks, ratio, round_to)
+            groups = global_bottleneck_groups(pruner, blocks, ratio, round_to)
         else:
             groups = pruner.step(interactive=True)
         for group in groups:
@@ -209,80 +240,6 @@ def _run_pruner(
             group.prune()
     finally:
         del pruner
-
-
-def _check_global_budget(encoder: ImageEncoderViT, ratio: float, round_to: int) -> None:
-    """Refuse, before tracing, a global ratio that the per-block floors make unreachable."""
-    blocks = list(encoder.blocks)
-    _global_target([b.attn.q.out_features // b.attn.num_heads for b in blocks], 1, ratio,
-                   "q/k/v offset per head")
-    _global_target([b.mlp.lin1.out_features for b in blocks], round_to, ratio, "MLP channels")
-
-
-def _global_target(widths: list[int], unit: int, ratio: float, what: str) -> int:
-    """Chunks of ``unit`` channels a scope keeps: its budget rounded down once, not per block."""
-    total = sum(widths)
-    # The epsilon stops e.g. 10 * (1 - 0.9) = 0.9999999999999998 from flooring to 0.
-    target = math.floor(total * (1 - ratio) + 1e-9) // unit
-    if target < len(widths):
-        highest = math.floor((1 - len(widths) * unit / total) * 1e4) / 1e4
-        raise SlimsegError(f"global pruning cannot reach ratio {ratio}: every block keeps at least {unit} "
-                           f"{what}, so the highest reachable ratio is {highest}")
-    return target
-
-
-def _global_bottleneck_groups(pruner: tp.pruner.BasePruner, blocks: list[nn.Module], ratio: float,
-                              round_to: int) -> list[tp.Group]:
-    """The bottleneck groups to prune, ranked across blocks here rather than by tp.
-
-    tp 1.6.1's global threshold can select every channel of a block; its guard then skips
-    that group, so the block stayed whole and high ratios overshot their budget. Here each
-    block keeps its floor and the rest of the budget goes to the globally best channels.
-    """
-    # The same roots as tp's: attention by proj's inputs, the MLP by lin1's outputs.
-    attention = [_full_group(pruner, block.attn.proj, out=False) for block in blocks]
-    mlp = [_full_group(pruner, block.mlp.lin1, out=True) for block in blocks]
-    heads = [block.attn.num_heads for block in blocks]
-    # All heads lose the same offsets, so an offset scores the mean over heads (tp's channel groups).
-    offset_scores = [pruner.estimate_importance(g).view(h, -1).mean(0) for g, h in zip(attention, heads)]
-    offsets = _least_important(offset_scores, 1, ratio, "q/k/v offset per head")
-    channels = _least_important([pruner.estimate_importance(g) for g in mlp], round_to, ratio, "MLP channels")
-    chosen = []
-    for group, count, scores, removed in zip(attention, heads, offset_scores, offsets):
-        chosen.append((group, [o + h * len(scores) for h in range(count) for o in removed]))
-    chosen += list(zip(mlp, channels))
-    return [pruner.DG.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, sorted(idxs))
-            for group, idxs in chosen if idxs]
-
-
-def _full_group(pruner: tp.pruner.BasePruner, layer: nn.Module, out: bool) -> tp.Group:
-    """tp's group of every output (or input) channel of ``layer``."""
-    handlers = pruner.DG.get_pruner_of_module(layer)
-    handler = handlers.prune_out_channels if out else handlers.prune_in_channels
-    width = (pruner.DG.get_out_channels if out else pruner.DG.get_in_channels)(layer)
-    return pruner.DG.get_pruning_group(layer, handler, list(range(width)))
-
-
-def _least_important(scores: list[torch.Tensor], unit: int, ratio: float, what: str) -> list[list[int]]:
-    """Per block, the indices to remove so that the scope keeps its global target.
-
-    A block removes a prefix of its ascending scores: ``width % unit`` of them (kept widths
-    are multiples of ``unit``), then whole chunks of ``unit``, never its last chunk. Chunks
-    are ranked across blocks by mean score; they ascend within a block, so the lowest ones
-    form prefixes.
-    """
-    widths = [len(s) for s in scores]
-    target = _global_target(widths, unit, ratio, what)
-    scores = [s.detach().float().cpu() for s in scores]
-    orders = [torch.argsort(s, stable=True) for s in scores]
-    forced = [w % unit for w in widths]
-    chunks = sorted((float(s[order[f + j * unit:f + (j + 1) * unit]].mean()), b, j)
-                    for b, (s, order, f) in enumerate(zip(scores, orders, forced))
-                    for j in range(len(s) // unit - 1))
-    counts = [0] * len(scores)
-    for _, b, _ in chunks[:max(sum(w // unit for w in widths) - target, 0)]:
-        counts[b] += 1
-    return [order[:f + n * unit].tolist() for order, f, n in zip(orders, forced, counts)]
 
 
 def _unwrapped_parameters(encoder: ImageEncoderViT) -> list[tuple[nn.Parameter, int]]:

@@ -19,9 +19,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from slimseg.compress.distill import DistillConfig, distill
-from slimseg.compress.importance import GRADIENT_IMPORTANCES, accumulate_disturbed_gradients, make_importance
-from slimseg.compress.prune import PruneReport, prune_image_encoder
+from slimseg.compress.checks import as_integer
+from slimseg.compress.distill import DistillConfig, check_distill_data, distill
+from slimseg.compress.importance import (
+    GRADIENT_IMPORTANCES,
+    IMPORTANCE_CHOICES,
+    accumulate_disturbed_gradients,
+    make_importance,
+)
+from slimseg.compress.prune import PruneReport, check_pruning, prune_image_encoder
 from slimseg.data.datasets import collate_images
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.modeling.sam import Sam
@@ -48,6 +54,28 @@ class SlimmingPlan:
         if self.stage not in STAGE_CHOICES:
             raise SlimsegError(f"unknown stage {self.stage!r}: choose one of {', '.join(STAGE_CHOICES)}")
         return ("embedding", "bottleneck") if self.stage == "both" else (self.stage,)
+
+    def check(self, teacher: Sam) -> tuple[str, ...]:
+        """Refuse, before the gradient pass (minutes to hours), anything a later step would:
+        returns the stages. The ratio's ceiling is exact up front: pruning one sub-structure
+        leaves the widths of the other as they were."""
+        stages = self.stages()
+        if self.importance not in IMPORTANCE_CHOICES:
+            raise SlimsegError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_CHOICES)}")
+        if self.importance == "taylor":
+            # Each step's reference is a copy of the model it prunes, so the noiseless gradient is zero.
+            raise SlimsegError("importance 'taylor' has a zero gradient here (each pruning step's reference equals "
+                               "the model it prunes): use disturbed-taylor, magnitude or random")
+        as_integer(self.grad_images, "grad_images", 1)
+        as_integer(self.distill_epochs, "distill_epochs", 0)
+        if self.distill_epochs > 0:
+            replace(self.distill, epochs=self.distill_epochs).validate()
+        else:
+            as_integer(self.distill.seed, "distill: seed")  # seeds the gradient noise and random importance
+        check_prunable(teacher)
+        for stage in stages:
+            check_pruning(teacher, self.ratio, stage, self.mode)
+        return stages
 
 
 @dataclass
@@ -96,21 +124,17 @@ def alternate_slimming(
     Distillation runs (one per pruning step when ``plan.distill_epochs > 0``) keep their
     checkpoints, metrics and loss curves under ``work_dir/<n>-<stage>-aligning``.
     """
-    stages = plan.stages()
-    if plan.grad_images < 1:
-        raise SlimsegError(f"--grad-images must be >= 1, got {plan.grad_images}")
-    if plan.importance == "taylor":
-        # Each step's reference is a copy of the model it prunes, so the noiseless gradient is
-        # zero in every step; refuse before the gradient pass rather than after it.
-        raise SlimsegError("importance 'taylor' has a zero gradient here (each pruning step's reference equals "
-                           "the model it prunes): use disturbed-taylor, magnitude or random")
-    check_prunable(teacher)
+    stages = plan.check(teacher)
+    if plan.distill_epochs > 0 or plan.importance in GRADIENT_IMPORTANCES:
+        check_distill_data(teacher, teacher, data, val if plan.distill_epochs > 0 else None, plan.distill.val_limit)
     teacher = teacher.to(device).eval()
     student = copy.deepcopy(teacher)
     reports = []
     for index, stage in enumerate(stages, start=1):
         announce = on_step or (lambda message: None)
-        importance = make_importance(plan.importance, normalizer="gaussian" if plan.mode == "global" else "mean")
+        # Random scores come from the plan's seed, whatever the global RNG has been through.
+        importance = make_importance(plan.importance, normalizer="gaussian" if plan.mode == "global" else "mean",
+                                     generator=torch.Generator().manual_seed(plan.distill.seed + index))
         if plan.importance in GRADIENT_IMPORTANCES:
             # The reference is the model as it stands before this step (SlimSAM: SAM-B, then
             # the step-1 model); plain Taylor uses no noise, which needs student != reference.
@@ -128,6 +152,7 @@ def alternate_slimming(
             align = _ALIGN_AFTER[stage]
             announce(f"step {index}: {align} aligning for {plan.distill_epochs} epoch(s)")
             config = replace(plan.distill, epochs=plan.distill_epochs, align=align)
+            # The aligning folders are this function's own: a rerun replaces them.
             distill(student, teacher, data, work_dir / f"{index}-{align}-aligning", config, val=val,
-                    device=device, console=console)
+                    device=device, console=console, overwrite=True)
     return SlimmingResult(student.eval(), reports)

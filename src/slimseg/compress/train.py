@@ -24,6 +24,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
+from slimseg.compress.checks import as_integer, as_real, check_annotated, check_image_size, check_run_folder
 from slimseg.compress.distill import point_miou_validator
 from slimseg.compress.distill_config import DistillConfig, DistillResult
 from slimseg.compress.distributed import process_group
@@ -76,6 +77,7 @@ def train(
     heatmap_weight: float = 1.0,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, DistillResult]:
     """Train ``model`` on an ``SA1BDataset`` built at its input size; returns the trained
     model (a new object when an AutoPPN had to be attached) and the run's result.
@@ -87,20 +89,31 @@ def train(
             drives the schedule and best.safetensors; without it the training loss does.
         max_masks: masks prompted per image and step (stage "masks").
         heatmap_weight: weight of the AutoPPN loss in stage "masks".
+        overwrite: start afresh in an ``out_dir`` that holds a run or other files; without it
+            (and without ``resume``) such a folder is refused, as ``slimseg train`` does.
     Under torchrun the process group is started here if needed, as ``distill`` does.
     """
     if stage not in TRAIN_STAGES:
         raise SlimsegError(f"unknown training stage {stage!r}: choose one of {', '.join(TRAIN_STAGES)}")
     config.validate()
-    if max_masks < 1:
-        raise SlimsegError(f"max_masks must be >= 1, got {max_masks}")
-    if heatmap_weight < 0:
+    as_integer(max_masks, "max_masks", 1)
+    if as_real(heatmap_weight, "heatmap_weight") < 0:
         raise SlimsegError(f"heatmap_weight must be >= 0, got {heatmap_weight}")
+    out_dir = Path(out_dir)
+    check_run_folder(out_dir, resume or overwrite)
+    # Before any epoch: a set without annotated objects would train on loss 0 or fail only
+    # at the first validation.
+    check_image_size(check_annotated(data, "train: data"), "train: data", model.img_size)
+    if val is not None:
+        item = check_annotated(val, "train: val", config.val_limit)
+        if stage == "autoppn":  # proposal recall encodes the dataset's images (point mIoU re-reads the files)
+            check_image_size(item, "train: val", model.img_size)
     with process_group() as (rank, world):
         target = resolve_device(device)
         if world > 1 and target.type == "cuda":
             target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         model = model.to(target)
+        settings = {"max_masks": max_masks, "heatmap_weight": heatmap_weight} if stage == "masks" else {}
         if stage == "autoppn":
             model = with_autoppn(model)
             model.requires_grad_(False)
@@ -112,8 +125,8 @@ def train(
         task = TrainingTask(kind=stage, model=model, objective=objective, trained=trained,
                             validate=_validator(stage, val, config.val_limit) if val is not None else None,
                             val_name="miou" if stage == "masks" else "recall",
-                            title="AutoPPN loss" if stage == "autoppn" else "Mask loss")
-        out_dir = Path(out_dir)
-        state = load_resume_state(out_dir, stage, model, config, task.mode) if resume else None
+                            title="AutoPPN loss" if stage == "autoppn" else "Mask loss",
+                            extra_state=settings, frozen_name="the model's weights outside its AutoPPN")
+        state = load_resume_state(out_dir, stage, model, config, task.mode, settings) if resume else None
         progress = TrainingProgress(console, enabled=rank == 0)
         return model, run_training(task, data, out_dir, config, target, state, progress, on_epoch_end)

@@ -29,15 +29,24 @@ from slimseg.compress.loss_plot import draw_loss_curve
 from slimseg.compress.metrics import MetricsLog, read_metrics
 from slimseg.compress.progress import TrainingProgress
 from slimseg.compress.train_epoch import EpochRunner
-from slimseg.compress.training_state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
+from slimseg.compress.training_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+    weights_fingerprint,
+)
 from slimseg.data.datasets import collate_images
 from slimseg.errors import SlimsegError
 from slimseg.zoo.loading import save_model
 
 __all__ = ["TrainingTask", "load_resume_state", "run_training"]
 
-# Settings that must not change on resume: they decide which images meet in which step.
-_RESUME_FIXED = ("batch_size", "grad_accum", "seed")
+# Settings that must not change on resume: they decide which images meet in which step, or
+# the restored state would silently override the new value (lr: the optimizer's state), or
+# the rest of the run would differ from an uninterrupted one. epochs may grow; num_workers
+# and log_every change nothing that is computed.
+_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "lr", "amp", "intermediate_weight", "align", "val_limit")
 
 
 @dataclass
@@ -53,6 +62,9 @@ class TrainingTask:
             training loss drive the schedule; ``val_name`` names it in the records (val_<name>).
         weight_for_epoch: the ``weight`` the objective gets in each epoch (distillation: the
             intermediate weight while those terms are on).
+        references: other modules the run reads but never trains (the teacher). They and the
+            model's weights outside ``trained`` are not stored in last.ckpt, so their
+            fingerprint is, and a resume with other ones (``frozen_name``) is refused.
     """
 
     kind: str
@@ -64,6 +76,8 @@ class TrainingTask:
     weight_for_epoch: Callable[[int], float | None] = lambda epoch: None
     extra_state: dict[str, Any] = field(default_factory=dict)
     title: str = "Training loss"
+    references: tuple[nn.Module, ...] = ()
+    frozen_name: str = "the model's frozen weights"
 
     @property
     def mode(self) -> str:
@@ -86,8 +100,13 @@ def _loader(train: Dataset, config: DistillConfig, epoch: int) -> DataLoader:
     return DataLoader(train, shuffle=True, generator=generator, **common)
 
 
-def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: DistillConfig, mode: str) -> dict[str, Any]:
-    """``out_dir/last.ckpt``, checked to belong to a run that this one can continue."""
+def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: DistillConfig, mode: str,
+                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``out_dir/last.ckpt``, checked to belong to a run that this one can continue.
+
+    ``settings``: the task's own settings (stored in last.ckpt by ``TrainingTask.extra_state``)
+    that must match too; one that the checkpoint does not hold is not compared.
+    """
     state = load_training_state(out_dir)
     if state.get("kind", "distill") != kind:
         raise SlimsegError(f"cannot resume from {out_dir}: it holds a {state.get('kind', 'distill')} run, "
@@ -95,11 +114,13 @@ def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: Distil
     if state["model_config"] != model.config.to_json():
         raise SlimsegError(f"cannot resume from {out_dir}: last.ckpt holds a model of another architecture")
     saved = state["distill_config"]
-    for name in _RESUME_FIXED:
-        if saved.get(name) != getattr(config, name):
-            raise SlimsegError(
-                f"cannot resume from {out_dir}: {name} was {saved.get(name)} there, now {getattr(config, name)}"
-            )
+    differing = [f"{name} was {saved.get(name)!r} there, now {getattr(config, name)!r}"
+                 for name in _RESUME_FIXED if saved.get(name) != getattr(config, name)]
+    differing += [f"{name} was {state[name]!r} there, now {value!r}"
+                  for name, value in (settings or {}).items() if name in state and state[name] != value]
+    if differing:
+        raise SlimsegError(f"cannot resume from {out_dir}: settings differ from the run's ({'; '.join(differing)}); "
+                           "resume with the same settings, or start a new run in another folder")
     if state["world_size"] != rank_and_world()[1]:
         raise SlimsegError(f"cannot resume from {out_dir}: it ran on {state['world_size']} process(es), "
                            f"now {rank_and_world()[1]}")
@@ -137,8 +158,13 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
         self.metrics = MetricsLog(out_dir / "metrics.jsonl")
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, None, None
+        self.fingerprint = weights_fingerprint((task.model, *task.references), exclude=task.trained)
 
     def restore(self, state: dict[str, Any]) -> None:
+        stored = state.get("frozen_fingerprint")  # absent in checkpoints of earlier versions
+        if stored is not None and stored != self.fingerprint:
+            raise SlimsegError(f"cannot resume from {self.out_dir}: {self.task.frozen_name} differ from the ones the "
+                               "run started with (they are not in last.ckpt); give the same ones")
         self.task.trained.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -155,7 +181,8 @@ class _Run:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best_metric": self.best, "best_epoch": self.best_epoch, "world_size": self.world,
             "rng": capture_rng_state(), "model_config": self.task.model.config.to_json(),
-            "distill_config": asdict(self.config), **self.task.extra_state})
+            "distill_config": asdict(self.config), "frozen_fingerprint": self.fingerprint,
+            **self.task.extra_state})
 
     def run_epoch(self, runner: EpochRunner, train: Dataset,
                   on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:

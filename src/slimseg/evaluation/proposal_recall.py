@@ -60,6 +60,10 @@ def proposal_recall(model: nn.Module, dataset: SA1BDataset, limit: int | None = 
         item = dataset[index]
         if item is None or not item["annotations"]:
             continue
+        if item["image"].shape[-1] != model.img_size:
+            # checked on the first scored item: the encoder would fail with a raw shape error
+            raise SlimsegError(f"proposal recall: the dataset gives {item['image'].shape[-1]} px images but the model "
+                               f"takes {model.img_size} px; build the dataset with img_size={model.img_size}")
         embedding = model.image_encoder(item["image"][None].to(device))
         proposals = model.propose_points(embedding, valid_size=item["input_size"])[0]
         height, width = item["original_size"]

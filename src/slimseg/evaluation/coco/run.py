@@ -8,6 +8,7 @@ and scores the whole selection.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class CocoEvaluation:
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise SlimsegError(f"prompt {self.prompt!r}: choose one of {', '.join(PROMPTS)}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, numbers.Integral) or self.batch < 1:
+            raise SlimsegError(f"batch must be an integer >= 1 (prompts per decoder call), got {self.batch!r}")
         needs_generator = self.prompt == "everything"
         if (self.generator if needs_generator else self.predictor) is None:
             raise SlimsegError(f"prompt {self.prompt!r} needs a {'generator' if needs_generator else 'predictor'}")
@@ -180,6 +183,8 @@ def score_records(split: CocoSplit, images: list[dict], records: dict[int, dict]
         box/point: ``miou_table`` plus ``skipped_empty``; everything: ``average_recall``;
         detections: ``segm_ap``. Always ``seconds_per_image``.
     """
+    if prompt not in PROMPTS:
+        raise SlimsegError(f"prompt {prompt!r}: choose one of {', '.join(PROMPTS)}")
     missing = [image["id"] for image in images if image["id"] not in records]
     if missing:
         raise SlimsegError(f"no result for {len(missing)} image(s) (first id {missing[0]}); rerun to complete them")

@@ -62,7 +62,9 @@ class ResultStore:
 
     def prepare(self, restart: bool) -> None:
         """Create the folder and its settings file (one process only: rank 0); ``restart``
-        deletes earlier results first."""
+        deletes earlier results first; otherwise a folder of a different run is refused as
+        ``check`` refuses it, so that its records are never scored as this run's."""
+        self.check(restart)
         if restart and self.folder.exists():
             shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
