@@ -94,6 +94,7 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # nothing from torch reaches the user's stderr
 def test_pickled_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"

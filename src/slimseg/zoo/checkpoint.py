@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +72,10 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     imports and runs nothing from the file."""
     try:
         # A file object, not the path: torch.load would pick a loader by the file's suffix.
-        with path.open("rb") as handle:
+        with path.open("rb") as handle, warnings.catch_warnings():
+            # torch warns (two raw lines) about pickle protocols it did not write; the
+            # restricted fallback below reads what weights_only cannot
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             payload = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pickled = read_pickled_checkpoint(path)
