@@ -67,6 +67,7 @@ def test_png_metadata_overlay_and_coco(model_path, images, tmp_path):
     result = runner.invoke(app, ["segevery", str(images), "-m", str(model_path), "--out", str(out), "-f", "coco",
                                  *LOOSE])
     coco = json.loads((out / "annotations.json").read_text())
+    assert coco["info"] == {"description": "slimseg segevery: masks of 2 of 2 image(s)", "complete": True}
     assert [image["file_name"] for image in coco["images"]] == [str(images / "a.png"), str(images / "b.jpg")]
     assert all(a["category_id"] == 1 and a["image_id"] in (1, 2) for a in coco["annotations"])
 
@@ -175,19 +176,26 @@ def test_png_rerun_removes_that_images_stale_masks_only(model_path, images, tmp_
         [f"{n}.png" for n in range(len(rows))] + ["00.png", "1.png.bak", "metadata.csv", "notes.txt"])
 
 
-def test_sigterm_ends_the_run_with_one_line_and_no_temporary_files(model_path, images, tmp_path):
+@pytest.mark.parametrize("fmt", ["png", "coco"])
+def test_sigterm_ends_the_run_with_one_line_and_no_temporary_files(model_path, images, tmp_path, fmt):
     many = tmp_path / "many"
     many.mkdir()
     for index in range(12):
         (many / f"{index:02d}.png").write_bytes((images / "a.png").read_bytes())
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "slimseg", "segevery", str(many), "-m", str(model_path),
-                                "--device", "cpu", "--out", str(out), "-f", "png", *LOOSE],
+                                "--device", "cpu", "--out", str(out), "-f", fmt, *LOOSE],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = process.stdout.readline()  # one image done: the run is under way
     process.send_signal(signal.SIGTERM)
     rest, stderr = process.communicate(timeout=120)
     assert json.loads(first)["masks"] > 0
     assert process.returncode == 143 and stderr.strip() == "slimseg: error: terminated", stderr
-    assert len((first + rest).splitlines()) < 12
+    done = len((first + rest).splitlines())
+    assert done < 12
     assert not [path for path in out.rglob("*") if path.name.endswith(".tmp")]
+    if fmt == "coco":  # the images done, and a file that says it is partial
+        coco = json.loads((out / "annotations.json").read_text())
+        written = len(coco["images"])  # the signal may land after an image is added, before it is printed
+        assert written in (done, done + 1) and coco["info"]["complete"] is False
+        assert coco["info"]["description"].endswith(f"{written} of 12 image(s) (the run was interrupted)")

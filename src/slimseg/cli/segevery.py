@@ -92,8 +92,15 @@ class CocoCollector:
                 "point_coords": record["point_coords"],
             })
 
-    def write(self, path: Path) -> None:
-        payload = {"images": self.images, "annotations": self.annotations,
+    def write(self, path: Path, given: int, interrupted: bool) -> None:
+        """``given``: the run's number of images; ``interrupted``: the run was stopped (Ctrl-C,
+        SIGTERM), so that the file, valid COCO either way, says it covers only part of them."""
+        done = len(self.images)
+        description = f"slimseg segevery: masks of {done} of {given} image(s)"
+        if interrupted:
+            description += " (the run was interrupted)"
+        payload = {"info": {"description": description, "complete": not interrupted},
+                   "images": self.images, "annotations": self.annotations,
                    "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
         atomic_write_text(path, json_dumps_strict(payload) + "\n")
 
@@ -237,8 +244,12 @@ def segevery(
             return {"image": str(image.path), "width": rgb.shape[1], "height": rgb.shape[0], "masks": len(records),
                     "sampler": sampler.value, "timings": timings}
 
+        interrupted = False
         try:
             for_each_image(inputs, "segmenting everything", process)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the images done are still written
+            interrupted = True
+            raise
         finally:
             if coco is not None:
-                coco.write(out / COCO_FILE)
+                coco.write(out / COCO_FILE, len(inputs), interrupted)
