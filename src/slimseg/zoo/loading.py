@@ -89,11 +89,6 @@ def _resolve(name_or_path: str | Path, offline: bool) -> _Source:
     raise SlimsegError(f"{text}: neither a registered model name nor an existing checkpoint file; {names_hint(text)}")
 
 
-def resolve_checkpoint(name_or_path: str | Path, offline: bool = False) -> Path:
-    """A checkpoint path for a registry name (fetching it if needed) or an existing path."""
-    return _resolve(name_or_path, offline).path
-
-
 def load_model(name_or_path: str | Path, device: str | torch.device = "auto", offline: bool = False) -> Model:
     """Load a model by registry name or from a checkpoint file or folder, in eval mode on ``device``.
 
