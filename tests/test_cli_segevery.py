@@ -44,6 +44,7 @@ def test_rle_output_matches_the_library(model_path, images, tmp_path):
     result = runner.invoke(app, ["segevery", str(images / "a.png"), "-m", str(model_path), "--out", str(out), *LOOSE])
     assert result.exit_code == 0, result.output
     line = json.loads(result.stdout)
+    assert line["output"] == str(out / "a.json")
     records = json.loads((out / "a.json").read_text())
     assert line["masks"] == len(records) > 0 and line["sampler"] == "grid"
     generator = MaskGenerator(slimseg.load_model(model_path, device="cpu"), points_per_side=4, pred_iou_thresh=0,
@@ -70,6 +71,24 @@ def test_png_metadata_overlay_and_coco(model_path, images, tmp_path):
     assert coco["info"] == {"description": "slimseg segevery: masks of 2 of 2 image(s)", "complete": True}
     assert [image["file_name"] for image in coco["images"]] == [str(images / "a.png"), str(images / "b.jpg")]
     assert all(a["category_id"] == 1 and a["image_id"] in (1, 2) for a in coco["annotations"])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["output"], line["image_id"]) for line in lines] == [(str(out / "annotations.json"), 1),
+                                                                      (str(out / "annotations.json"), 2)]
+
+
+@pytest.mark.parametrize("fmt, first, second", [("rle", "a.json", "a_2.json"), ("png", "a", "a_2")])
+def test_records_name_the_files_of_images_whose_names_collide(model_path, tmp_path, fmt, first, second):
+    for folder, seed in (("one", 3), ("two", 4)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo(40, 50, seed=seed)).save(tmp_path / folder / "a.png")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segevery", str(tmp_path / "one"), str(tmp_path / "two"), "-m", str(model_path),
+                                 "--out", str(out), "-f", fmt, "--overlay", *LOOSE])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["output"] for line in lines] == [str(out / first), str(out / second)]
+    assert [line["overlay"] for line in lines] == [str(out / "a.overlay.png"), str(out / "a_2.overlay.png")]
+    assert all(Path(line["output"]).exists() and Path(line["overlay"]).exists() for line in lines)
 
 
 @pytest.mark.parametrize(

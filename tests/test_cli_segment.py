@@ -153,10 +153,27 @@ def test_folder_png_output_overlay_and_rle(model_path, images, tmp_path):
     result = invoke("segment", images / "b.png", "-m", model_path, "-b", "5,5,60,60", "--out", out, "-f", "rle")
     saved = json.loads((out / "b.json").read_text())
     assert saved["masks"][0]["segmentation"]["size"] == [90, 70]
-    # the file is the stdout record without its timing (docs/cli.md says so)
+    # the file is the stdout record without its timing and its own name (docs/cli.md says so)
     (line,) = records(result.stdout)
-    assert line.pop("seconds") > 0 and saved == line and list(saved) == ["image", "width", "height", "masks", "prompts"]
+    assert line.pop("seconds") > 0 and line.pop("output") == str(out / "b.json")
+    assert saved == line and list(saved) == ["image", "width", "height", "masks", "prompts"]
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_records_name_the_files_of_images_whose_names_collide(model_path, tmp_path):
+    for folder, seed in (("one", 1), ("two", 2)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo(40, 50, seed=seed)).save(tmp_path / folder / "a.png")
+    out = tmp_path / "out"
+    result = invoke("segment", tmp_path / "one", tmp_path / "two", "-m", model_path, "-b", "5,5,30,30", "--out", out,
+                    "-f", "rle", "--overlay")
+    assert result.exit_code == 0, result.output
+    first, second = records(result.stdout)
+    assert (first["output"], second["output"]) == (str(out / "a.json"), str(out / "a_2.json"))
+    assert second["overlay"] == str(out / "a_2.overlay.png")
+    assert json.loads(Path(second["output"]).read_text())["image"] == str(tmp_path / "two" / "a.png")
+    result = invoke("segment", tmp_path / "one", tmp_path / "two", "-m", model_path, "-b", "5,5,30,30", "--out", out)
+    assert [Path(r["masks"][0]["file"]).parent.name for r in records(result.stdout)] == ["a", "a_2"]
 
 
 def test_paths_from_stdin_and_prompts_file(model_path, images, tmp_path):

@@ -81,7 +81,8 @@ class CocoCollector:
         self.images: list[dict] = []
         self.annotations: list[dict] = []
 
-    def add(self, image: ImageInput, height: int, width: int, records: list[dict]) -> None:
+    def add(self, image: ImageInput, height: int, width: int, records: list[dict]) -> int:
+        """Add an image and its masks; return the image's id in the file."""
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": str(image.path), "height": height, "width": width})
         for record in records:
@@ -91,6 +92,7 @@ class CocoCollector:
                 "score": record["predicted_iou"], "stability_score": record["stability_score"],
                 "point_coords": record["point_coords"],
             })
+        return image_id
 
     def write(self, path: Path, given: int, interrupted: bool) -> None:
         """``given``: the run's number of images; ``interrupted``: the run was stopped (Ctrl-C,
@@ -136,19 +138,28 @@ def _check_out(out: Path | None, fmt: EveryFormat, overlay: bool) -> None:
 
 
 def _write_image_outputs(image: ImageInput, rgb: np.ndarray, records: list[dict], fmt: EveryFormat, out: Path,
-                         overlay: bool) -> None:
+                         overlay: bool) -> dict[str, str | int]:
+    """Write this image's own files; return the paths written, for its stdout record (an
+    image whose name collided with another's is written under ``<name>_2``)."""
     masks = [decode_rle(record["segmentation"]) for record in records]
+    written: dict[str, str | int] = {}
     if fmt is EveryFormat.rle:
-        atomic_write_text(out / f"{image.key}.json", json_dumps_strict(records) + "\n")
+        path = out / f"{image.key}.json"
+        atomic_write_text(path, json_dumps_strict(records) + "\n")
+        written["output"] = str(path)
     elif fmt is EveryFormat.png:
         for index, mask in enumerate(masks):
             write_mask_png(out / image.key / f"{index}.png", mask)
         remove_numbered_files(out / image.key, _MASK_FILE, len(masks))
         atomic_write_text(out / image.key / "metadata.csv", _metadata_csv(records))
+        written["output"] = str(out / image.key)
     if overlay:
         # largest first, so small masks stay visible on top
         order = np.argsort([-record["area"] for record in records], kind="stable")
-        write_image_png(out / f"{image.key}.overlay.png", render_overlay(rgb, [masks[i] for i in order]))
+        path = out / f"{image.key}.overlay.png"
+        write_image_png(path, render_overlay(rgb, [masks[i] for i in order]))
+        written["overlay"] = str(path)
+    return written
 
 
 def _compile_decoder(generator: MaskGenerator) -> None:
@@ -236,13 +247,13 @@ def segevery(
         def process(image: ImageInput) -> dict:
             rgb, embeddings = embedded.take(image)
             records = generator.generate(rgb, embeddings)
-            if out is not None:
-                _write_image_outputs(image, rgb, records, fmt, out, overlay)
+            written = {} if out is None else _write_image_outputs(image, rgb, records, fmt, out, overlay)
             if coco is not None:
-                coco.add(image, rgb.shape[0], rgb.shape[1], records)
+                written["output"] = str(out / COCO_FILE)
+                written["image_id"] = coco.add(image, rgb.shape[0], rgb.shape[1], records)
             timings = {name: round(value, 4) for name, value in getattr(generator, "last_timings", {}).items()}
             return {"image": str(image.path), "width": rgb.shape[1], "height": rgb.shape[0], "masks": len(records),
-                    "sampler": sampler.value, "timings": timings}
+                    **written, "sampler": sampler.value, "timings": timings}
 
         interrupted = False
         try:

@@ -105,7 +105,11 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
         remove_numbered_files(out / image.key, _MASK_FILE, len(record["masks"]))
     record["prompts"] = [result.prompt.to_json() for result in results]
     if fmt is OutputFormat.rle:
-        atomic_write_text(out / f"{image.key}.json", json_dumps_strict(record) + "\n")
+        path = out / f"{image.key}.json"
+        atomic_write_text(path, json_dumps_strict(record) + "\n")
+        # after writing: the file need not name itself; the stdout line says where it went,
+        # which is "<name>_2.json" for an image whose name collided with another's
+        record["output"] = str(path)
     if overlay:
         best = [result.masks[int(np.argmax(result.scores))] for result in results]
         picture = render_overlay(
