@@ -73,3 +73,13 @@ def exported(tiny, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("export") / "tiny-onnx"
     return folder, export_onnx(tiny, folder, quantize="int8", fp16=True, source="tiny")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Six small SA-1B-format images with masks (the distillation and pruning tests' data)."""
+    from slimseg.data.synthetic import write_sa1b_folder
+
+    root = tmp_path_factory.mktemp("sa1b")
+    write_sa1b_folder(root, 6, size=(96, 128), seed=0)
+    return root

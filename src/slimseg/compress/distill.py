@@ -148,7 +148,9 @@ def _distill(student: Sam, teacher: Sam, train: Dataset, first: dict[str, Any], 
     weight = config.intermediate_weight
     task = TrainingTask(
         kind="distill", model=student, trained=encoder,
-        objective=EmbeddingDistillation(encoder, teacher_encoder, pairs, student_taps, teacher_taps),
+        objective=EmbeddingDistillation(encoder, teacher_encoder, pairs, student_taps, teacher_taps,
+                                        teacher_key="teacher_image" if "teacher_image" in first else "image",
+                                        student_img_size=student.img_size, teacher_img_size=teacher.img_size),
         validate=point_miou_validator(val, config.val_limit) if val is not None else None,
         weight_for_epoch=lambda epoch: weight if pairs and epoch <= intermediate_epochs else None,
         extra_state={"intermediate_epochs": intermediate_epochs}, title="Distillation loss",

@@ -37,22 +37,43 @@ def match_embedding_size(teacher: torch.Tensor, student: torch.Tensor) -> torch.
                          antialias=True)
 
 
+def checked_input(batch: dict, key: str, img_size: int | None, model: str) -> torch.Tensor:
+    """``batch[key]``, the (B, 3, S, S) input of ``model``, refused unless S is ``img_size``."""
+    where = "a batch" if "path" not in batch else "the batch of " + ", ".join(map(str, batch["path"]))
+    if key not in batch:
+        raise SlimsegError(f"distill: train: {where} has no {key} though the first item has one; "
+                           "every item needs one")
+    images = batch[key]
+    if img_size is not None and tuple(images.shape[-2:]) != (img_size, img_size):
+        height, width = images.shape[-2:]
+        raise SlimsegError(f"distill: train: {where} gives {height}x{width} px {key} inputs but {model} takes "
+                           f"{img_size} px, as the first item did")
+    return images
+
+
 class EmbeddingDistillation(nn.Module):
     """SlimSAM's aligning distillation: L = (1 - a)·MSE(E_s, E_t) + a·mean_k MSE(F_s^k, F_t^k)
     while the intermediate terms are on (``weight`` a is not None), else L = MSE(E_s, E_t).
 
-    The teacher reads ``batch["teacher_image"]`` when the dataset provides it (a teacher with
-    another input size, see ``ImageFolderDataset(teacher_img_size=...)``); its embedding is
-    then resized to the student's grid.
+    The student reads ``batch["image"]``, the teacher ``batch[teacher_key]``: "teacher_image"
+    for a teacher with another input size (see ``ImageFolderDataset(teacher_img_size=...)``),
+    whose embedding is then resized to the student's grid. With ``student_img_size`` and
+    ``teacher_img_size`` given, every batch is checked against them, so that an item unlike
+    the first (checked before the run) is a ``SlimsegError`` naming its file rather than a
+    shape error deep inside an encoder.
     """
 
     part_names = ("embedding", "intermediate")
 
     def __init__(self, student_encoder: nn.Module, teacher_encoder: nn.Module, pairs: list[FeaturePair],
-                 student_taps: FeatureTaps | None = None, teacher_taps: FeatureTaps | None = None) -> None:
+                 student_taps: FeatureTaps | None = None, teacher_taps: FeatureTaps | None = None,
+                 teacher_key: str = "image", student_img_size: int | None = None,
+                 teacher_img_size: int | None = None) -> None:
         super().__init__()
         self.student, self.teacher = student_encoder, teacher_encoder
         self.pairs, self.student_taps, self.teacher_taps = pairs, student_taps, teacher_taps
+        self.teacher_key = teacher_key
+        self.student_img_size, self.teacher_img_size = student_img_size, teacher_img_size
         self._set_taps(False)
 
     def _set_taps(self, enabled: bool) -> None:
@@ -67,11 +88,12 @@ class EmbeddingDistillation(nn.Module):
         return self
 
     def forward(self, batch: dict, weight: float | None) -> tuple[torch.Tensor, tuple[float, float]]:
-        images = batch["image"]
+        images = checked_input(batch, "image", self.student_img_size, "the student")
+        teacher_images = checked_input(batch, self.teacher_key, self.teacher_img_size, "the teacher")
         self._set_taps(weight is not None)
         try:
             with torch.no_grad():
-                target = self.teacher(batch.get("teacher_image", images))
+                target = self.teacher(teacher_images)
             prediction = self.student(images)
             embedding = mse(prediction, match_embedding_size(target, prediction))
             if weight is None:
