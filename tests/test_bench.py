@@ -161,11 +161,13 @@ def test_missing_model_file_is_one_line(tmp_path):
     "settings, fragment",
     [
         (BenchSettings(dtype="int8"), "unknown dtype"),
-        (BenchSettings(runs=0), "runs must be >= 1"),
-        (BenchSettings(warmup=-1), "warm-up runs must be >= 0"),
-        (BenchSettings(prompts=0), "prompts must be >= 1"),
-        (BenchSettings(points_per_side=0), "points_per_side must be >= 1"),
-        (BenchSettings(batch_size=0), "batch_size must be >= 1"),
+        (BenchSettings(runs=0), "runs must be an integer >= 1"),
+        (BenchSettings(warmup=-1), "warm-up runs must be an integer >= 0"),
+        (BenchSettings(prompts=0), "prompts must be an integer >= 1"),
+        (BenchSettings(points_per_side=0), "points_per_side must be an integer >= 1"),
+        (BenchSettings(batch_size=0), "batch_size must be an integer >= 1"),
+        (BenchSettings(runs=2.5), "runs must be an integer >= 1, got 2.5"),
+        (BenchSettings(prompts=True), "prompts must be an integer >= 1, got True"),
     ],
 )
 def test_library_settings_are_checked(settings, fragment):
@@ -229,7 +231,7 @@ def test_time_runs_warms_up_then_times_each_run():
     calls = []
     timing = time_runs(lambda: calls.append(1), torch.device("cpu"), runs=3, warmup=2)
     assert len(calls) == 5 and len(timing.seconds) == 3 and timing.median >= 0
-    with pytest.raises(SlimsegError, match="runs must be >= 1"):
+    with pytest.raises(SlimsegError, match="runs must be an integer >= 1"):
         time_runs(lambda: None, torch.device("cpu"), runs=0)
 
 
@@ -239,7 +241,7 @@ def test_time_alternating_takes_the_works_in_turn():
                                      torch.device("cpu"), runs=2, warmup=1)
     assert calls == ["a", "b"] * 3
     assert len(first.seconds) == len(second.seconds) == 2
-    with pytest.raises(SlimsegError, match="warm-up runs must be >= 0"):
+    with pytest.raises(SlimsegError, match="warm-up runs must be an integer >= 0"):
         time_alternating([lambda: None], torch.device("cpu"), runs=1, warmup=-1)
 
 

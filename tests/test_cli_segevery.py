@@ -137,7 +137,7 @@ def test_compiled_decoder_gives_the_eager_records(model_path, images, tmp_path):
         (["--crop-nms-thresh", "-1"], "--crop-nms-thresh must be in [0, 1]"),
         (["--crop-overlap-ratio", "1.5"], "--crop-overlap-ratio must be in [0, 1)"),
         (["--stability-score-thresh", "nan"], "--stability-score-thresh must be a finite number"),
-        (["--stability-score-offset", "-5"], "--stability-score-offset must be in [0, inf]"),
+        (["--stability-score-offset", "-5"], "--stability-score-offset must be >= 0"),
         (["--sampler", "bogus"], "--sampler"),
         (["--max-proposals", "8"], "--max-proposals and --proposal-thresh apply to --sampler autoppn"),
         (["--points-per-side", "4", "--crop-n-layers", "2", "--crop-n-points-downscale-factor", "4"],

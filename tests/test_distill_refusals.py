@@ -20,8 +20,8 @@ from slimseg.errors import SlimsegError
 @pytest.mark.parametrize(("changes", "fragment"), [
     ({"lr": float("inf")}, "lr must be a finite number"),
     ({"lr": float("nan")}, "lr must be a finite number"),
-    ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
-    ({"epochs": "2"}, "epochs must be an integer, got '2'"),
+    ({"epochs": 1.5}, "epochs must be an integer >= 1, got 1.5"),
+    ({"epochs": "2"}, "epochs must be an integer >= 1, got '2'"),
     ({"batch_size": True}, "batch_size must be an integer"),
     ({"intermediate_epochs": 0.5}, "intermediate_epochs must be an integer"),
     ({"intermediate_weight": float("nan")}, "intermediate_weight must be a finite number"),

@@ -309,7 +309,7 @@ def test_python_api_refuses_bad_batch_and_prompt_kind(coco_root, model_path):
     split = load_coco_split(coco_root, "val2017")
     predictor = slimseg.Predictor(slimseg.load_model(model_path, device="cpu"))
     for batch in (0, -1, 2.5, "8"):
-        with pytest.raises(SlimsegError, match="batch must be an integer >= 1"):
+        with pytest.raises(SlimsegError, match=r"batch \(prompts per decoder call\) must be an integer >= 1"):
             CocoEvaluation(split, "box", predictor=predictor, batch=batch)
     with pytest.raises(SlimsegError, match="prompt 'boxes': choose one of box, point"):
         score_records(split, split.select(limit=1), {}, "boxes")

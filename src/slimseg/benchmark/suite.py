@@ -24,13 +24,13 @@ from slimseg.benchmark.stages import (
 )
 from slimseg.benchmark.timing import check_runs
 from slimseg.data.synthetic import synthetic_image
-from slimseg.errors import SlimsegError
 from slimseg.inference.compilation import compile_model, first_compiled_call
 from slimseg.inference.everything import MaskGenerator
 from slimseg.inference.precision import dtype_name, parse_dtype
 from slimseg.inference.predictor import Predictor
 from slimseg.modeling.complexity import count_parameters
 from slimseg.modeling.sam.image_encoder import Attention
+from slimseg.validation import as_integer
 
 # The image SegEvery and the box prompt run on when none is given: photo-sized, with shapes.
 DEFAULT_IMAGE_SIZE = (768, 1024)
@@ -52,12 +52,8 @@ class BenchSettings:
     def check(self) -> None:
         parse_dtype(self.dtype)
         check_runs(self.runs, self.warmup)
-        if self.batch_size < 1:
-            raise SlimsegError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.prompts < 1:
-            raise SlimsegError(f"prompts must be >= 1, got {self.prompts}")
-        if self.points_per_side < 1:
-            raise SlimsegError(f"points_per_side must be >= 1, got {self.points_per_side}")
+        for name in ("batch_size", "prompts", "points_per_side"):
+            as_integer(getattr(self, name), name, 1)
 
     @property
     def effective_warmup(self) -> int:

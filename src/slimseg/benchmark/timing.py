@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from slimseg.devices import synchronize
-from slimseg.errors import SlimsegError
+from slimseg.validation import as_integer
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,8 @@ class Timing:
 
 
 def check_runs(runs: int, warmup: int) -> None:
-    if runs < 1:
-        raise SlimsegError(f"runs must be >= 1, got {runs}")
-    if warmup < 0:
-        raise SlimsegError(f"warm-up runs must be >= 0, got {warmup}")
+    as_integer(runs, "runs", 1)
+    as_integer(warmup, "warm-up runs", 0)
 
 
 def time_runs(work: Callable[[], object], device: torch.device, runs: int, warmup: int = 1) -> Timing:

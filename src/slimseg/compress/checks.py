@@ -8,8 +8,6 @@ annotations and has the model's input size) is checked here first, with one-line
 
 from __future__ import annotations
 
-import math
-import numbers
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +16,7 @@ from torch.utils.data import Dataset
 
 from slimseg.errors import SlimsegError, UsageError
 
-__all__ = ["as_integer", "as_real", "check_annotated", "check_image_size", "check_run_folder", "first_item"]
-
-
-def as_real(value: Any, what: str) -> float:
-    """``value`` as a finite float: Python and NumPy numbers and 0-d tensors are accepted,
-    booleans, strings, NaN and infinities are not."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SlimsegError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise SlimsegError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def as_integer(value: Any, what: str, minimum: int | None = None) -> int:
-    """``value`` as an int (Python or NumPy integers, not booleans, floats or strings), at
-    least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SlimsegError(f"{what} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SlimsegError(f"{what} must be >= {minimum}, got {value}")
-    return int(value)
+__all__ = ["check_annotated", "check_image_size", "check_run_folder", "first_item"]
 
 
 def check_run_folder(out: Path, resume: bool, out_name: str = "out_dir", resume_name: str = "resume=True") -> None:

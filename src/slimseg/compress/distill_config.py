@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimseg.compress.checks import as_integer, as_real
+from slimseg.validation import as_integer, as_real
 from slimseg.compress.losses import ALIGN_CHOICES
 from slimseg.errors import SlimsegError
 
@@ -49,8 +49,7 @@ class DistillConfig:
             as_integer(self.val_limit, "distill: val_limit", 1)
         if not as_real(self.lr, "distill: lr") > 0:
             raise SlimsegError(f"distill: lr must be positive, got {self.lr}")
-        if not 0.0 <= as_real(self.intermediate_weight, "distill: intermediate_weight") <= 1.0:
-            raise SlimsegError(f"distill: intermediate_weight must be in 0..1, got {self.intermediate_weight}")
+        as_real(self.intermediate_weight, "distill: intermediate_weight", 0, 1)
         if not isinstance(self.amp, bool):
             raise SlimsegError(f"distill: amp must be True or False, got {self.amp!r}")
         if self.align not in ALIGN_CHOICES:

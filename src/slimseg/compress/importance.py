@@ -16,8 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimseg.compress.checks import as_real
 from slimseg.errors import SlimsegError
+from slimseg.validation import as_real
 
 IMPORTANCE_CHOICES = ("disturbed-taylor", "taylor", "magnitude", "random")
 GRADIENT_IMPORTANCES = ("disturbed-taylor", "taylor")
@@ -88,8 +88,7 @@ def accumulate_disturbed_gradients(
         the number of images seen.
     """
     # NaN would slip past "sigma < 0" and fill every gradient with NaN, which Taylor ranks silently.
-    if as_real(sigma, "sigma") < 0:
-        raise SlimsegError(f"sigma must be >= 0, got {sigma}")
+    as_real(sigma, "sigma", minimum=0)
     if sigma == 0 and _same_weights(student_encoder, teacher_encoder):
         # The exact gradient is zero; autograd would return float noise instead (the no-grad
         # teacher pass may take other attention kernels), which Taylor would rank as signal.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import math
-import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimseg.compress.checks import as_integer
+from slimseg.validation import as_integer, as_real
 from slimseg.compress.importance import check_gradients, make_importance, uses_gradients
 from slimseg.compress.prune_global import check_global_budget, global_bottleneck_groups
 from slimseg.errors import SlimsegError
@@ -125,11 +124,7 @@ def check_pruning(model: Sam, ratio: Any, stage: str, mode: str, round_to: int |
     the arguments, the encoder type, and a ratio the widths cannot reach (which depends only
     on the sub-structure pruned, so it holds for every stage of alternate slimming too).
     Returns the ratio as a float and the effective ``round_to``."""
-    if isinstance(ratio, torch.Tensor) and ratio.dim() == 0 and not ratio.dtype.is_complex:
-        ratio = ratio.item()
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
-        raise SlimsegError(f"pruning ratio must be a number in [0, 1), got {ratio!r}")
-    ratio = float(ratio)
+    ratio = as_real(ratio, "pruning ratio", 0, 1, maximum_open=True)
     if stage not in ("embedding", "bottleneck"):
         raise SlimsegError(f"unknown pruning stage {stage!r}; choose embedding or bottleneck")
     if mode not in ("local", "global"):

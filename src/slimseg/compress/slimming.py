@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from slimseg.compress.checks import as_integer
+from slimseg.validation import as_integer
 from slimseg.compress.distill import DistillConfig, check_distill_data, distill
 from slimseg.compress.importance import (
     GRADIENT_IMPORTANCES,

@@ -20,6 +20,7 @@ from slimseg.data.datasets import Annotation
 from slimseg.errors import SlimsegError
 from slimseg.inference.transforms import ResizeLongestSide
 from slimseg.modeling.autoppn import autoppn_loss, autoppn_targets, group_names
+from slimseg.validation import as_integer
 
 __all__ = ["HeatmapSupervision", "MaskSupervision", "low_res_targets", "mask_loss"]
 
@@ -90,8 +91,7 @@ class MaskSupervision(nn.Module):
 
     def __init__(self, model: nn.Module, max_masks: int = 16, heatmap_weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        if max_masks < 1:
-            raise SlimsegError(f"max_masks must be >= 1, got {max_masks}")
+        as_integer(max_masks, "max_masks", 1)
         self.model, self.max_masks, self.heatmap_weight = model, max_masks, heatmap_weight
         self.transform = ResizeLongestSide(model.img_size)
         self.seed, self.epoch, self._seen = seed, 0, 0

@@ -24,7 +24,8 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
-from slimseg.compress.checks import as_integer, as_real, check_annotated, check_image_size, check_run_folder
+from slimseg.compress.checks import check_annotated, check_image_size, check_run_folder
+from slimseg.validation import as_integer, as_real
 from slimseg.compress.distill import point_miou_validator
 from slimseg.compress.distill_config import DistillConfig, DistillResult
 from slimseg.compress.distributed import process_group
@@ -97,8 +98,7 @@ def train(
         raise SlimsegError(f"unknown training stage {stage!r}: choose one of {', '.join(TRAIN_STAGES)}")
     config.validate()
     as_integer(max_masks, "max_masks", 1)
-    if as_real(heatmap_weight, "heatmap_weight") < 0:
-        raise SlimsegError(f"heatmap_weight must be >= 0, got {heatmap_weight}")
+    as_real(heatmap_weight, "heatmap_weight", minimum=0)
     out_dir = Path(out_dir)
     check_run_folder(out_dir, resume or overwrite)
     # Before any epoch: a set without annotated objects would train on loss 0 or fail only

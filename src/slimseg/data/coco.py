@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from slimseg.data.images import read_image
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import decode_rle
+from slimseg.validation import is_finite_number
 
 __all__ = ["CocoSplit", "annotation_mask", "load_coco_split", "load_detections", "read_coco_image"]
 
@@ -187,7 +188,7 @@ def load_detections(path: str | Path, split: CocoSplit) -> dict[int, list[dict]]
         if _whole_id(detection["category_id"]) not in category_ids:
             raise SlimsegError(f"--detections {path}: entry {index} names category_id "
                                f"{detection['category_id']!r}, which is not in {split.annotation_file.name}")
-        if not _is_number(detection["score"]):
+        if not is_finite_number(detection["score"]):
             raise SlimsegError(f"--detections {path}: entry {index} has score {detection['score']!r}, "
                                "expected a number")
         grouped.setdefault(detection["image_id"], []).append(
@@ -271,13 +272,13 @@ def _check_annotation_fields(path: Path, annotation: dict, image: dict, category
     bbox = annotation["bbox"]
     if not _is_box(bbox):
         raise SlimsegError(f"{name} has bbox {bbox!r}, expected [x, y, w, h] with w, h >= 0")
-    if "area" in annotation and not (_is_number(annotation["area"]) and annotation["area"] >= 0):
+    if "area" in annotation and not (is_finite_number(annotation["area"]) and annotation["area"] >= 0):
         raise SlimsegError(f"{name} has area {annotation['area']!r}, expected a number >= 0")
     if annotation.get("iscrowd", 0) not in (0, 1):
         raise SlimsegError(f"{name} has iscrowd {annotation['iscrowd']!r}, expected 0 or 1")
     segmentation = annotation["segmentation"]
     if isinstance(segmentation, list):
-        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segmentation):
+        if not all(isinstance(p, list) and all(is_finite_number(v) for v in p) for p in segmentation):
             raise SlimsegError(f"{name} has a segmentation polygon that is not a list of numbers")
         return
     if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
@@ -295,11 +296,7 @@ def _check_annotation_fields(path: Path, annotation: dict, image: dict, category
 
 def _is_box(value: Any) -> bool:
     """Whether ``value`` is a COCO box [x, y, w, h] of finite numbers with w, h >= 0."""
-    return isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value) and min(value[2:]) >= 0
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, list) and len(value) == 4 and all(is_finite_number(v) for v in value) and min(value[2:]) >= 0
 
 
 def read_coco_image(split: CocoSplit, image: dict) -> np.ndarray:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from slimseg.errors import SlimsegError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
+from slimseg.validation import as_integer
 
 __all__ = ["synthetic_image", "write_image_folder", "write_sa1b_folder"]
 
@@ -159,9 +160,7 @@ def _save_jpeg(image: np.ndarray, path: Path) -> None:
 
 
 def _check(count: int, size: tuple[int, int], objects: int) -> None:
-    if count < 0:
-        raise SlimsegError(f"count must be >= 0, got {count}")
-    if objects < 0:
-        raise SlimsegError(f"objects must be >= 0, got {objects}")
+    as_integer(count, "count", 0)
+    as_integer(objects, "objects", 0)
     if len(size) != 2 or min(size) < _MIN_SIDE:
         raise SlimsegError(f"size must be (height, width) with both >= {_MIN_SIDE}, got {tuple(size)}")

@@ -27,11 +27,11 @@ give every written file's input and output dtypes (float16 encoders take float16
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 from slimseg.errors import SlimsegError
+from slimseg.validation import is_finite_number
 
 MANIFEST_NAME = "slimseg.json"
 FORMAT = "slimseg-onnx"
@@ -65,17 +65,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _ints(count: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, list) and len(v) == count and all(_is_int(n) and n > 0 for n in v)
 
 
 def _numbers(count: int, positive: bool = False) -> Callable[[Any], bool]:
     return lambda v: (isinstance(v, list) and len(v) == count
-                      and all(_is_number(n) and (n > 0 or not positive) for n in v))
+                      and all(is_finite_number(n) and (n > 0 or not positive) for n in v))
 
 
 def _field(manifest: dict[str, Any], name: str, valid: Callable[[Any], bool], expected: str) -> Any:
@@ -119,7 +115,7 @@ def _check_variants(manifest: dict[str, Any], folder: Path) -> None:
            f"one of the exported variants: {', '.join(variants)}")
     if any("autoppn" in files for files in variants.values()):
         _field(manifest, "autoppn", lambda v: isinstance(v, dict) and _is_int(v.get("top_k")) and v["top_k"] > 0
-               and _is_number(v.get("score_threshold")), '{"top_k": positive integer, "score_threshold": number}')
+               and is_finite_number(v.get("score_threshold")), '{"top_k": positive integer, "score_threshold": number}')
 
 
 def _check_fields(manifest: dict[str, Any], folder: Path) -> None:
@@ -129,7 +125,7 @@ def _check_fields(manifest: dict[str, Any], folder: Path) -> None:
     _field(manifest, "low_res_mask_size", _ints(2), "[height, width], positive integers")
     _field(manifest, "pixel_mean", _numbers(3), "3 numbers")
     _field(manifest, "pixel_std", _numbers(3, positive=True), "3 positive numbers")
-    _field(manifest, "mask_threshold", _is_number, "a number")
+    _field(manifest, "mask_threshold", is_finite_number, "a number")
     _field(manifest, "image_format", lambda v: v in ("RGB", "BGR"), '"RGB" or "BGR"')
     _field(manifest, "image_input", lambda v: v in ("float32", "uint8"), '"float32" or "uint8"')
     _check_variants(manifest, folder)

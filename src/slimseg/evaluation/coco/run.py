@@ -8,7 +8,6 @@ and scores the whole selection.
 
 from __future__ import annotations
 
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from slimseg.evaluation.coco.scoring import average_recall, instance_records, mi
 from slimseg.evaluation.coco.store import ResultStore
 from slimseg.inference.everything import MaskGenerator
 from slimseg.inference.predictor import Predictor
+from slimseg.validation import as_integer
 
 __all__ = ["PROMPTS", "CocoEvaluation", "RunningMetric", "protocol", "score_records", "shard"]
 
@@ -92,8 +92,7 @@ class CocoEvaluation:
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise SlimsegError(f"prompt {self.prompt!r}: choose one of {', '.join(PROMPTS)}")
-        if isinstance(self.batch, bool) or not isinstance(self.batch, numbers.Integral) or self.batch < 1:
-            raise SlimsegError(f"batch must be an integer >= 1 (prompts per decoder call), got {self.batch!r}")
+        self.batch = as_integer(self.batch, "batch (prompts per decoder call)", 1)
         needs_generator = self.prompt == "everything"
         if (self.generator if needs_generator else self.predictor) is None:
             raise SlimsegError(f"prompt {self.prompt!r} needs a {'generator' if needs_generator else 'predictor'}")

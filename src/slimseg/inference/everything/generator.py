@@ -34,6 +34,7 @@ from slimseg.inference.everything.rle import (
 )
 from slimseg.inference.predictor import ImageEmbedding, Predictor, checked_image, checked_image_list
 from slimseg.modeling.autoppn import propose_points
+from slimseg.validation import as_integer
 
 __all__ = ["MaskGenerator", "PointProposer"]
 
@@ -126,8 +127,7 @@ class MaskGenerator:
                 model, None if max_proposals is None else int(max_proposals),
                 None if proposal_thresh is None else float(proposal_thresh),
             )
-        if isinstance(encoder_batch_size, bool) or not isinstance(encoder_batch_size, int) or encoder_batch_size < 1:
-            raise SlimsegError(f"encoder_batch_size must be an integer >= 1, got {encoder_batch_size!r}")
+        as_integer(encoder_batch_size, "encoder_batch_size", 1)
         if exported and dtype is not None:
             raise SlimsegError("dtype applies to PyTorch models; an exported model runs at the precision it was exported in")
         self.predictor = model.make_predictor() if exported else Predictor(model, dtype=dtype)
@@ -145,7 +145,7 @@ class MaskGenerator:
         self.output_mode = output_mode
         self.sampler = sampler
         self.point_proposer = point_proposer
-        self.encoder_batch_size = encoder_batch_size
+        self.encoder_batch_size = int(encoder_batch_size)
         self.last_timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
 
     @torch.no_grad()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-import torch
 
 from slimseg.errors import SlimsegError
 from slimseg.inference.everything.crops import build_all_layer_point_grids
+from slimseg.validation import as_integer, as_real, real_problem
 
 __all__ = ["MAX_CROP_N_LAYERS", "MAX_POINTS_PER_SIDE", "NUMBER_RANGES", "OUTPUT_MODES", "SAMPLERS",
            "check_generator_options", "number_problem"]
@@ -26,53 +24,28 @@ MAX_POINTS_PER_SIDE = 1024
 # 4 layers make 341 crops (341 encoder passes, 1.4 GB of SAM's 256x64x64 float32 embeddings);
 # 5 would make 1365 crops and 5.5 GB, 20 about 10^12.
 MAX_CROP_N_LAYERS = 4
-# (low, high, high end open) of the number arguments
-NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+# (low, high or None, high end open) of the number arguments
+NUMBER_RANGES: dict[str, tuple[float, float | None, bool]] = {
     "pred_iou_thresh": (0.0, 1.0, False),
     "stability_score_thresh": (0.0, 1.0, False),
-    "stability_score_offset": (0.0, math.inf, False),
+    "stability_score_offset": (0.0, None, False),
     "box_nms_thresh": (0.0, 1.0, False),
     "crop_nms_thresh": (0.0, 1.0, False),
     "crop_overlap_ratio": (0.0, 1.0, True),
-    "min_mask_region_area": (0.0, math.inf, False),
+    "min_mask_region_area": (0.0, None, False),
     "proposal_thresh": (0.0, 1.0, True),
 }
-
-
-def _scalar(value: Any) -> Any:
-    """A 0-d tensor or array as the Python number it holds (a bool stays a bool); anything else as is."""
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        return value.item()
-    return value
-
-
-def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    number = _scalar(value)
-    if (isinstance(number, bool) or not isinstance(number, Integral) or number < minimum
-            or (maximum is not None and number > maximum)):
-        bounds = f">= {minimum}" if maximum is None else f">= {minimum} and <= {maximum}"
-        raise SlimsegError(f"{name} must be an integer {bounds}, got {value!r}")
-    return int(number)
 
 
 def number_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not a valid ``name`` (a key of NUMBER_RANGES), e.g. "must be in
     [0, 1]", or None when it is valid. ``slimseg segevery`` shares it to check its options
     under their command-line names before the model loads."""
-    low, high, high_open = NUMBER_RANGES[name]
-    value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        return "must be a finite number"
-    if value < low or value > high or (high_open and value == high):
-        return f"must be in [{low:g}, {high:g}{')' if high_open else ']'}"
-    return None
+    return real_problem(value, *NUMBER_RANGES[name])
 
 
 def _number(name: str, value: Any) -> float:
-    problem = number_problem(name, value)
-    if problem is not None:
-        raise SlimsegError(f"{name} {problem}, got {value!r}")
-    return float(value)
+    return as_real(value, name, *NUMBER_RANGES[name])
 
 
 def _grids(point_grids: Sequence[np.ndarray], layers: int) -> list[np.ndarray]:
@@ -116,7 +89,7 @@ def check_generator_options(
         raise SlimsegError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if output_mode not in OUTPUT_MODES:
         raise SlimsegError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
-    _integer("points_per_batch", points_per_batch, 1)
+    as_integer(points_per_batch, "points_per_batch", 1)
     _number("pred_iou_thresh", pred_iou_thresh)
     _number("stability_score_thresh", stability_score_thresh)
     _number("stability_score_offset", stability_score_offset)
@@ -124,14 +97,14 @@ def check_generator_options(
     _number("crop_nms_thresh", crop_nms_thresh)
     _number("crop_overlap_ratio", crop_overlap_ratio)
     _number("min_mask_region_area", min_mask_region_area)
-    layers = _integer("crop_n_layers", crop_n_layers, 0, MAX_CROP_N_LAYERS) + 1
-    factor = _integer("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+    layers = as_integer(crop_n_layers, "crop_n_layers", 0, MAX_CROP_N_LAYERS) + 1
+    factor = as_integer(crop_n_points_downscale_factor, "crop_n_points_downscale_factor", 1)
     if point_proposer is not None and not callable(point_proposer):
         raise SlimsegError(f"point_proposer must be callable, got {type(point_proposer).__name__}")
     if (max_proposals is not None or proposal_thresh is not None) and (sampler != "autoppn" or point_proposer):
         raise SlimsegError("max_proposals and proposal_thresh apply to the model's own AutoPPN (sampler='autoppn')")
     if max_proposals is not None:
-        _integer("max_proposals", max_proposals, 1)
+        as_integer(max_proposals, "max_proposals", 1)
     if proposal_thresh is not None:
         _number("proposal_thresh", proposal_thresh)
 
@@ -145,7 +118,7 @@ def check_generator_options(
         raise SlimsegError("give exactly one of points_per_side and point_grids (set points_per_side=None for grids)")
     if point_grids is not None:
         return _grids(point_grids, layers)
-    side = _integer("points_per_side", points_per_side, 1, MAX_POINTS_PER_SIDE)
+    side = as_integer(points_per_side, "points_per_side", 1, MAX_POINTS_PER_SIDE)
     smallest = int(side / factor ** (layers - 1))
     if smallest < 1:
         raise SlimsegError(
