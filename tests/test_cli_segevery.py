@@ -91,6 +91,14 @@ def test_records_name_the_files_of_images_whose_names_collide(model_path, tmp_pa
     assert all(Path(line["output"]).exists() and Path(line["overlay"]).exists() for line in lines)
 
 
+def test_null_separated_paths_from_stdin(model_path, images):
+    (images / "a.png").rename(images / "new\nline.png")
+    listing = f"{images / 'new'}\nline.png\0{images / 'b.jpg'}\0".encode()
+    result = runner.invoke(app, ["segevery", "-", "-0", "-m", str(model_path), *LOOSE], input=listing)
+    assert result.exit_code == 0, result.output
+    assert [Path(json.loads(line)["image"]).name for line in result.stdout.splitlines()] == ["new\nline.png", "b.jpg"]
+
+
 @pytest.mark.parametrize(
     "args, fragment, code",
     [
@@ -100,6 +108,7 @@ def test_records_name_the_files_of_images_whose_names_collide(model_path, tmp_pa
         (["--pred-iou-thresh", "1.5"], "--pred-iou-thresh must be in [0, 1]", 2),
         (["--dtype", "int8"], "unknown dtype 'int8'", 2),
         (["--compile", "--backend", "onnx"], "--compile applies to --backend torch", 2),
+        (["--null"], "--null applies to paths read from standard input", 2),
     ],
 )
 def test_bad_input(model_path, images, args, fragment, code):

@@ -188,6 +188,24 @@ def test_paths_from_stdin_and_prompts_file(model_path, images, tmp_path):
     assert second["prompts"] == [{"points": [[10.0, 10.0, 1]], "box": [0.0, 0.0, 30.0, 30.0]}]
 
 
+def test_null_separated_paths_from_stdin(model_path, images, tmp_path):
+    """find -print0 | slimseg segment - -0: names with newlines or edge spaces come through."""
+    (images / "a.jpg").rename(images / "two\nlines.jpg")
+    (images / "b.png").rename(images / " padded.png")
+    listing = f"{images / 'two'}\nlines.jpg\0{images / ' padded.png'}\0".encode()
+    result = runner.invoke(app, ["segment", "-", "-0", "-m", str(model_path), "-b", "0,0,30,30"], input=listing)
+    assert result.exit_code == 0, result.output
+    assert [Path(r["image"]).name for r in records(result.stdout)] == ["two\nlines.jpg", " padded.png"]
+
+
+def test_null_separated_input_needs_stdin_and_nul_characters(model_path, images):
+    result = invoke("segment", images / "a.jpg", "--null", "-m", model_path, "-b", "0,0,30,30")
+    assert_one_line_error(result, "--null applies to paths read from standard input", code=2)
+    result = invoke("segment", "-", "--null", "-m", model_path, "-b", "0,0,30,30",
+                    input=f"{images / 'a.jpg'}\n{images / 'b.png'}\n")
+    assert_one_line_error(result, "no NUL characters", "find -print0", code=2)
+
+
 @pytest.mark.parametrize("batch_size", ["1", "3"])
 def test_an_image_without_prompts_fails_alone_before_it_is_read(model_path, images, tmp_path, batch_size):
     """Its error is the missing prompts, not its unreadable bytes, and the images around it

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
 
 from slimseg.cli.inputs import ImageInput, expand_inputs
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -141,6 +142,52 @@ def test_stdin_lines_are_never_globs(tree: Path) -> None:
 def test_stdin_without_paths_is_an_error(tree: Path) -> None:
     with pytest.raises(SlimsegError, match="standard input"):
         expand_inputs(["-"], stdin=io.StringIO("\n# only comments\n"))
+
+
+def _binary_stdin(data: bytes) -> io.TextIOWrapper:
+    """A text stream over bytes, as sys.stdin is, with the bytes reachable as ``.buffer``."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+def test_null_separated_stdin_takes_names_exactly(tree: Path) -> None:
+    (tree / "new\nline.jpg").write_bytes(b"x")
+    (tree / " lead.jpg").write_bytes(b"x")
+    (tree / "#hash.jpg").write_bytes(b"x")
+    stdin = _binary_stdin(b"new\nline.jpg\0 lead.jpg\0#hash.jpg\0photos/trip\0")
+    assert _pairs(expand_inputs(["-"], stdin=stdin, null_separated=True)) == [
+        ("new\nline.jpg", "new\nline"),
+        (" lead.jpg", " lead"),
+        ("#hash.jpg", "#hash"),
+        ("photos/trip/y.webp", "y"),
+    ]
+
+
+def test_null_separated_stdin_keeps_undecodable_names(tree: Path) -> None:
+    name = b"caf\xe9.jpg"  # Latin-1, not UTF-8: the file system's bytes come through as they are
+    (tree / os.fsdecode(name)).write_bytes(b"x")
+    inputs = expand_inputs(["-"], stdin=_binary_stdin(name + b"\0"), null_separated=True)
+    assert [os.fsencode(image.path) for image in inputs] == [name] and inputs[0].path.exists()
+
+
+def test_null_separated_stdin_also_reads_text_streams(tree: Path) -> None:
+    stdin = io.StringIO("photos/b.jpg\0other/a.bmp")
+    assert _pairs(expand_inputs(["-"], stdin=stdin, null_separated=True)) == [("photos/b.jpg", "b"), ("other/a.bmp", "a")]
+
+
+def test_null_separated_lines_are_refused(tree: Path) -> None:
+    stdin = _binary_stdin(b"photos/b.jpg\nother/a.bmp\n")
+    with pytest.raises(UsageError, match="no NUL characters; give the paths with find -print0"):
+        expand_inputs(["-"], stdin=stdin, null_separated=True)
+
+
+def test_null_separated_needs_stdin(tree: Path) -> None:
+    with pytest.raises(UsageError, match="--null applies to paths read from standard input"):
+        expand_inputs(["photos/b.jpg"], null_separated=True)
+
+
+def test_null_separated_without_names_is_an_error(tree: Path) -> None:
+    with pytest.raises(SlimsegError, match="no image paths were read from standard input"):
+        expand_inputs(["-"], stdin=_binary_stdin(b"\0\0"), null_separated=True)
 
 
 def test_stdin_defaults_to_sys_stdin(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -137,6 +137,14 @@ ModelOption = Annotated[
                  "transformers SamModel, slimseg .safetensors).", show_default=True),
 ]
 
+RecursiveOption = Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")]
+
+NullOption = Annotated[
+    bool,
+    typer.Option("--null", "-0", help="With -, the paths on stdin are separated by NUL characters (find -print0) and "
+                 "taken exactly, so names may hold newlines or spaces at either end."),
+]
+
 OfflineOption = Annotated[
     bool,
     typer.Option("--offline", envvar="SLIMSEG_OFFLINE",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from slimseg.data.images import IMAGE_EXTENSIONS
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 
 __all__ = ["ImageInput", "expand_inputs"]
 
@@ -37,7 +38,7 @@ class ImageInput:
 
 
 def expand_inputs(
-    specs: list[str], recursive: bool = False, stdin: TextIO | None = None
+    specs: list[str], recursive: bool = False, stdin: TextIO | None = None, null_separated: bool = False
 ) -> list[ImageInput]:
     """Expand input specs into images, in the order given.
 
@@ -51,6 +52,8 @@ def expand_inputs(
           an existing path with those characters is taken literally instead;
         * ``-``: one path (file or folder, never a glob) per line of ``stdin``
           (default ``sys.stdin``); blank lines and lines starting with '#' are ignored.
+          With ``null_separated`` the paths are separated by NUL characters instead
+          (``find -print0``) and taken exactly as given, so names may hold newlines.
 
     A file reached twice (by any route) is taken once, with its first key. Keys that
     collide (ignoring case, for case-insensitive filesystems) get ``_2``, ``_3``, ...
@@ -58,13 +61,19 @@ def expand_inputs(
     Raises:
         SlimsegError: none of the paths exists, a glob matches nothing, a folder, glob or
             stdin yields no images, or no specs were given.
+        UsageError: ``null_separated`` without ``-`` among the specs, or with lines and no
+            NUL characters on stdin.
     """
     if not specs:
         raise SlimsegError("no inputs given: pass image files, folders or glob patterns")
+    if null_separated and "-" not in specs:
+        raise UsageError("--null applies to paths read from standard input: give - as an input")
     found: list[tuple[Path, str]] = []
     for spec in specs:
         if spec == "-":
-            found.extend(_from_stdin(stdin if stdin is not None else sys.stdin, recursive))
+            stream = stdin if stdin is not None else sys.stdin
+            names = _null_separated_names(stream) if null_separated else _line_names(stream)
+            found.extend(_from_stdin(names, recursive))
         elif not os.path.lexists(spec) and _GLOB_CHARS.intersection(spec):
             found.extend(_from_glob(spec))
         else:
@@ -137,15 +146,31 @@ def _glob_root(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def _from_stdin(stream: TextIO, recursive: bool) -> list[tuple[Path, str]]:
-    found: list[tuple[Path, str]] = []
+def _line_names(stream: TextIO) -> Iterator[str]:
     for raw in stream:
         line = raw.rstrip("\r\n")
         # a file name may begin or end with spaces; spaces around an existing path are padding
         if not os.path.lexists(line) and os.path.lexists(line.strip()):
             line = line.strip()
         if line.strip() and not line.strip().startswith("#"):
-            found.extend(_from_path(line, recursive))
+            yield line
+
+
+def _null_separated_names(stream: TextIO) -> list[str]:
+    # bytes where the stream has them, so that names in any encoding come through as the
+    # file system spells them
+    buffer = getattr(stream, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else stream.read()
+    if "\0" not in text and "\n" in text.strip():
+        raise UsageError("--null: standard input holds lines but no NUL characters; "
+                         "give the paths with find -print0, or leave out --null")
+    return [name for name in text.split("\0") if name]
+
+
+def _from_stdin(names: Iterable[str], recursive: bool) -> list[tuple[Path, str]]:
+    found: list[tuple[Path, str]] = []
+    for name in names:
+        found.extend(_from_path(name, recursive))
     if not found:
         raise SlimsegError("-: no image paths were read from standard input")
     return found

@@ -13,8 +13,8 @@ import typer
 
 from slimseg.cli.backends import Backend, BackendOption, check_backend_options, open_model
 from slimseg.cli.batch import EmbeddedImages, for_each_image
-from slimseg.cli.common import (DeviceOption, DtypeOption, ImageBatchSizeOption, ModelOption, OfflineOption,
-                                check_output_path, user_errors)
+from slimseg.cli.common import (DeviceOption, DtypeOption, ImageBatchSizeOption, ModelOption, NullOption,
+                                OfflineOption, RecursiveOption, check_output_path, user_errors)
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.inference.masks import encode_rle, mask_to_box_xywh
@@ -123,7 +123,7 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
 
 
 def segment(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders, quoted globs, or - to read paths from stdin.",
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, quoted globs, or - to read paths from stdin (one per line, or NUL-separated with --null).",
                                                 metavar="IMAGES...", show_default=False)],
     model: ModelOption = "sam-b",
     box: Annotated[Optional[list[str]], typer.Option("--box", "-b", metavar="X0,Y0,X1,Y1", help="Box prompt x0,y0,x1,y1 in pixels; repeat for several objects.", show_default=False)] = None,
@@ -133,7 +133,8 @@ def segment(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Folder for mask files and overlays (created if missing).", show_default=False)] = None,
     fmt: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="jsonl: COCO-RLE masks in one JSON line per image on stdout (default without --out); png: 0/255 PNG per mask in OUT/<image>/ (default with --out); rle: OUT/<image>.json with COCO-RLE masks.", show_default=False)] = None,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write OUT/<image>.overlay.png: the best mask of each prompt in colour, prompts drawn (needs --out).")] = False,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    recursive: RecursiveOption = False,
+    null: NullOption = False,
     backend: BackendOption = Backend.torch,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
@@ -157,7 +158,7 @@ def segment(
             check_output_path(out, folder=True)
         source = PromptSource(box or [], point or [], prompts)
         check_backend_options(backend, device, dtype)
-        inputs = expand_inputs(images, recursive=recursive)
+        inputs = expand_inputs(images, recursive=recursive, null_separated=null)
         predictor = make_predictor(backend, model, device, offline, dtype)
         # an image without prompts fails before it is read, and takes no place in a batch
         embedded = EmbeddedImages([image for image in inputs if source.has_prompts(image)], batch_size,
