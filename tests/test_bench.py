@@ -309,6 +309,8 @@ def test_machine_line_names_the_attention_kernel_and_why_not_native():
         line = machine_line(describe_machine(torch.device("cpu")))
     assert line.endswith("torch relative-position attention (native kernels disabled)")
     line = machine_line(describe_machine(torch.device("cpu"), torch.bfloat16))
-    assert line.endswith("torch relative-position attention (the native kernel takes float32, not bfloat16)")
+    if status.startswith("native"):  # widened to float32 for the kernel
+        assert line.endswith(", bfloat16, native relative-position attention in float32")
+    assert native_kernel_status(torch.float64) == "torch (the native kernel takes float32, bfloat16 or float16, not float64)"
     assert "attention_kernel" not in describe_machine(torch.device("meta"))
     assert "attention_kernel" not in describe_machine(torch.device("cpu"), rel_pos_attention=False)

@@ -231,13 +231,28 @@ def test_windowed_blocks_attend_on_the_grid_where_the_kernel_runs(kernel):
             assert block.attn.within_windows(x, 6) is None
         with plain_compute():
             assert block.attn.within_windows(x, 6) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # projections in bfloat16
-            assert block.attn.within_windows(x, 6) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # projections in bfloat16, attention in float32
+            low_precision = block.attn.within_windows(x, 6)
         hook = block.attn.q.register_forward_hook(lambda module, inputs, output: None)
         assert block.attn.within_windows(x, 6) is None  # the hook sees the windows SAM makes
         hook.remove()
     assert block.attn.within_windows(x.requires_grad_(), 6) is None  # training keeps SAM's graph
     torch.testing.assert_close(on_grid, partitioned, rtol=1e-5, atol=1e-6)
+    assert low_precision.dtype == torch.bfloat16
+    assert float((low_precision.float() - partitioned).abs().max()) < 0.03 * float(partitioned.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_attention_runs_the_kernel_in_float32(kernel, dtype):
+    """bfloat16 and float16 q, k, v (--dtype on a CPU) are widened for the kernel: the result
+    is the kernel's float32 attention of the same values, narrowed, in the kernel's layout."""
+    q, k, v, tables = _problem(1, 3, 32, 14, 14, seed=9)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    with torch.inference_mode():
+        got = rel_pos_attention(q, k, v, *tables, (32, 32), 14**-0.5)
+        want = kernel(q.float(), k.float(), v.float(), *_gathered(tables, 32), 14**-0.5).to(dtype)
+    assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, want)
 
 
 def _compiled_with_graph_ops(function, *inputs):

@@ -67,6 +67,10 @@ def machine_line(machine: dict[str, Any]) -> str:
     if "attention_kernel" in machine:
         # "native (AVX2, <library>)" or "torch (<why not native>)": the library's path is noise
         # in one line, the reason for torch is not
-        kind, _, reason = machine["attention_kernel"].partition(" (")
-        parts.append(f"{kind} relative-position attention" + (f" ({reason}" if kind != "native" else ""))
+        status = machine["attention_kernel"]
+        kind, _, reason = status.partition(" (")
+        if kind == "native":
+            parts.append("native relative-position attention" + (" in float32" if status.endswith(", in float32)") else ""))
+        else:
+            parts.append(f"{kind} relative-position attention ({reason}")
     return ", ".join(parts)

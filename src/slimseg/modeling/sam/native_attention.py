@@ -42,6 +42,8 @@ KERNEL_VERSION = 7
 DISABLE_VARIABLE = "SLIMSEG_NATIVE_KERNELS"
 BUILD_TIMEOUT_S = 300
 KERNEL_DTYPE = torch.float32
+# the dtypes whose attention the kernel computes: lower precisions are widened to float32 for it
+KERNEL_INPUT_DTYPES = (KERNEL_DTYPE, torch.bfloat16, torch.float16)
 
 
 class RelPosAttentionKernel:
@@ -207,12 +209,17 @@ def native_kernel() -> RelPosAttentionKernel | None:
 
 
 def native_kernel_status(dtype: torch.dtype = KERNEL_DTYPE) -> str:
-    """One line for benchmarks running at ``dtype``: ``native (AVX2, <library>)`` or
-    ``torch (<reason>)``."""
-    if dtype != KERNEL_DTYPE:
-        return f"torch (the native kernel takes {KERNEL_DTYPE}, not {dtype})".replace("torch.", "")
+    """One line for benchmarks running at ``dtype``: ``native (AVX2, <library>)`` (with
+    ``, in float32`` for bfloat16 and float16) or ``torch (<reason>)``."""
+    if dtype not in KERNEL_INPUT_DTYPES:
+        return f"torch (the native kernel takes float32, bfloat16 or float16, not {dtype})".replace("torch.", "")
     native_kernel()
-    return str(_state["status"]) if _state["enabled"] else "torch (native kernels disabled)"
+    if not _state["enabled"]:
+        return "torch (native kernels disabled)"
+    status = str(_state["status"])
+    if dtype == KERNEL_DTYPE or not status.startswith("native"):
+        return status
+    return f"{status.removesuffix(')')}, in float32)"
 
 
 def native_kernels_disabled() -> contextlib.AbstractContextManager[None]:

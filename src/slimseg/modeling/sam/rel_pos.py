@@ -5,8 +5,11 @@ two small (queries, H) and (queries, W) tables whose outer sum is an additive at
 Materialised whole, that bias is (B, heads, H*W, H*W): 805 MB for one global block of SAM-B,
 allocated fresh (and page-faulted in) on every call. CPU inference therefore runs the native
 kernel (native_attention.py), which forms the bias from its two factors as it goes, where it
-is built and the input is float32 (for windowed blocks, straight on the unpadded token
-grid: :func:`windowed_cpu_rel_pos_attention`); otherwise it builds the bias a few query rows
+is built (for windowed blocks, straight on the unpadded token grid:
+:func:`windowed_cpu_rel_pos_attention`). It computes in float32: bfloat16 and float16 inputs
+(``--dtype`` on a CPU) are widened for it and its result narrowed back, which costs two
+copies of q, k and v but is faster than torch's low-precision attention on a CPU and more
+exact (the kernel's softmax is float32's). Otherwise it builds the bias a few query rows
 at a time into one reused buffer and runs torch's fused attention per chunk. Compiled graphs reach the
 same CPU path through the custom op ``slimseg::rel_pos_attention``, opaque to the compiler.
 Training, tracing for export and CUDA take the whole-bias path, which autograd and the exporters understand.
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from slimseg.modeling.sam.fast_paths import chunked_cpu_inference, cpu_inference, is_compiling
-from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, native_kernel
+from slimseg.modeling.sam.native_attention import KERNEL_DTYPE, KERNEL_INPUT_DTYPES, native_kernel
 
 # Bias bytes per chunk. Whole windows are grouped up to WINDOW_CHUNK_BYTES, small enough for
 # the allocator to reuse the buffer instead of page-faulting a fresh one on every call. A
@@ -105,11 +108,12 @@ def cpu_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel
     """:func:`rel_pos_attention` for CPU inference, without the whole bias: the native kernel,
     else chunks of the bias. Returns a view of (B, H*W, heads, Cv) storage, so that the
     caller's transpose(1, 2).reshape(B, H*W, -1) is a view rather than a copy."""
-    kernel = native_kernel() if q.dtype == KERNEL_DTYPE else None
+    kernel = native_kernel() if q.dtype in KERNEL_INPUT_DTYPES else None
     if kernel is not None:
-        # the kernel reads channels with unit stride; a compiled graph may hand it others
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return kernel(q, k, v, *_gathered_tables(rel_pos_h, rel_pos_w, size, q.dtype), scale)
+        dtype = q.dtype
+        q, k, v = (_kernel_input(t) for t in (q, k, v))
+        out = kernel(q, k, v, *_gathered_tables(rel_pos_h, rel_pos_w, size, KERNEL_DTYPE), scale)
+        return out.to(dtype)  # strides preserved: still a view of (B, H*W, heads, Cv) storage
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     batch, heads, queries, _ = q.shape
     height, width = size
@@ -143,18 +147,28 @@ def windowed_cpu_rel_pos_attention(
     per window compute it, by the native kernel straight on the unpadded grid.
 
     Arguments:
-        q, k: (B, H, W, heads, C) float32 CPU projections of the grid's tokens.
+        q, k: (B, H, W, heads, C) CPU projections of the grid's tokens, in one of
+            KERNEL_INPUT_DTYPES.
         v: (B, H, W, heads, Cv), the same.
         k_pad, v_pad: (heads, C) and (heads, Cv): the projections of a zero padding token.
     Returns:
-        (B, H, W, heads, Cv). Raises RuntimeError where the native kernel cannot run
-        (:func:`windowed_kernel_applies` says beforehand).
+        (B, H, W, heads, Cv) in q's dtype. Raises RuntimeError where the native kernel cannot
+        run (:func:`windowed_kernel_applies` says beforehand).
     """
     kernel = native_kernel()
     if kernel is None:
         raise RuntimeError("windowed attention on the grid needs the native kernel")
-    tables = _gathered_tables(rel_pos_h, rel_pos_w, (window, window), q.dtype)
-    return kernel.windows(q, k, v, *tables, scale, k_pad, v_pad)
+    tables = _gathered_tables(rel_pos_h, rel_pos_w, (window, window), KERNEL_DTYPE)
+    dtype = q.dtype
+    q, k, v = (_kernel_input(t) for t in (q, k, v))
+    return kernel.windows(q, k, v, *tables, scale, k_pad, v_pad).to(dtype)
+
+
+def _kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 with unit-stride channels, which the kernel reads (a compiled graph
+    may hand it other strides; a widened copy keeps the layout)."""
+    t = t.to(KERNEL_DTYPE)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _gathered_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int],
@@ -166,13 +180,9 @@ def _gathered_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tup
 
 def windowed_kernel_applies(x: torch.Tensor) -> bool:
     """Whether :func:`windowed_cpu_rel_pos_attention` can run on the projections of ``x``:
-    eager CPU inference in float32 (not under autocast) with the native kernel built."""
-    return (x.dtype == KERNEL_DTYPE and not _cpu_autocast() and chunked_cpu_inference(x)
-            and native_kernel() is not None)
-
-
-def _cpu_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu")
+    eager CPU inference in one of KERNEL_INPUT_DTYPES (under autocast or not) with the
+    native kernel built."""
+    return x.dtype in KERNEL_INPUT_DTYPES and chunked_cpu_inference(x) and native_kernel() is not None
 
 
 def _cpu_output(q: torch.Tensor, value_width: int) -> torch.Tensor:
