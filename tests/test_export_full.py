@@ -26,8 +26,13 @@ def _check(manifest: dict) -> None:
         assert max(d["rel"] for d in diffs[case].values()) < 1e-3, case
 
 
+def _by_position(points: torch.Tensor, scores: torch.Tensor) -> dict[tuple[float, float], float]:
+    return {(float(x), float(y)): float(score) for (x, y), score in zip(points, scores)}
+
+
 @pytest.mark.slow
 def test_lite_sam_export_matches_torch_with_autoppn(tmp_path):
+    torch.manual_seed(0)
     model = slimseg.build_model("lite-sam")
     manifest = export_onnx(model, tmp_path / "lite")
     _check(manifest)
@@ -37,8 +42,14 @@ def test_lite_sam_export_matches_torch_with_autoppn(tmp_path):
     with torch.no_grad():
         want = model.propose_points(embedding, valid_size=(480, 640))[0]
     got = exported.propose_points(embedding, valid_size=(480, 640))[0]
-    assert len(got.points) == len(want.points) > 0
-    assert torch.allclose(got.points, want.points) and torch.allclose(got.scores, want.scores, atol=1e-5)
+    # Random weights give ~200 peaks whose scores lie within 0.03 of each other, some 1e-7
+    # apart, so float rounding may swap their order or, rarely, which of two equal neighbours
+    # is the peak: compare the proposals as a set of positions and allow one such flip.
+    want_at, got_at = _by_position(want.points, want.scores), _by_position(got.points, got.scores)
+    shared = want_at.keys() & got_at.keys()
+    assert len(want_at) > 100 and len(want_at.keys() ^ got_at.keys()) <= 2
+    assert max(abs(want_at[p] - got_at[p]) for p in shared) < 1e-5
+    assert torch.all(got.scores[:-1] >= got.scores[1:])
 
 
 @full
