@@ -254,9 +254,9 @@ def test_convert_refuses_to_overwrite_its_source_however_spelled(reference_and_c
     (tmp_path / "sub").mkdir()
     (tmp_path / "link.safetensors").symlink_to(source)
     for out in (tmp_path / "sub" / ".." / "sam.safetensors", tmp_path / "link.safetensors"):
-        with pytest.raises(SlimsegError, match="a file that the conversion reads"):
+        with pytest.raises(SlimsegError, match="a file that this command reads"):
             convert_checkpoint(source, out)
-        with pytest.raises(SlimsegError, match="a file that the conversion reads"):
+        with pytest.raises(SlimsegError, match="a file that this command reads"):
             convert_checkpoint(out, source)
     assert source.read_bytes() == before
 

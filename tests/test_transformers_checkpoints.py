@@ -149,7 +149,7 @@ def test_sharded_folder_loads_like_the_single_file(saved_slimsam_77, tmp_path):
         assert torch.equal(split.state_dict[key], tensor), key
     # a converted shard would destroy the checkpoint it was read from
     result = CliRunner().invoke(app, ["convert", str(sharded), "--out", str(shards[0])])
-    assert result.exit_code == 2 and "a file that the conversion reads" in result.stderr
+    assert result.exit_code == 2 and "a file that this command reads" in result.stderr
     shards[-1].unlink()
     with pytest.raises(slimseg.SlimsegError, match=f"shard {shards[-1].name} is missing"):
         slimseg.load_model(sharded, device="cpu")
@@ -163,7 +163,7 @@ def test_convert_refuses_to_overwrite_the_folder_weights(saved_slimsam_77, tmp_p
     for out in (copy / "model.safetensors", tmp_path / "." / "copy" / ".." / "copy" / "model.safetensors"):
         result = CliRunner().invoke(app, ["convert", str(copy), "--out", str(out)])
         assert result.exit_code == 2, result.output
-        assert f"{copy / 'model.safetensors'}" in result.stderr and "is a file that the conversion reads" in result.stderr
+        assert f"{copy / 'model.safetensors'}" in result.stderr and "is a file that this command reads" in result.stderr
     assert (copy / "model.safetensors").read_bytes() == before
 
 

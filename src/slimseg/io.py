@@ -22,12 +22,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from slimseg.errors import UsageError
+
 __all__ = [
     "OVERLAY_PALETTE",
     "atomic_output",
     "atomic_write_bytes",
     "atomic_write_text",
     "json_dumps_strict",
+    "refuse_overwriting_inputs",
     "render_overlay",
     "write_image_png",
     "write_mask_png",
@@ -101,6 +104,24 @@ def _naming_target(error: OSError, prefix: str, target: Path) -> OSError:
     if error.filename is not None and Path(error.filename).name.startswith(prefix):
         return type(error)(error.errno, error.strerror, str(target))
     return error
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when ``a`` exists and names the file ``b`` however spelled (symlinks, .., hard links)."""
+    a, b = Path(a), Path(b)
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def refuse_overwriting_inputs(out: str | Path, inputs: Sequence[str | Path], option: str) -> None:
+    """UsageError when the output ``out`` (given as ``option``) is one of the files that the
+    command reads: the atomic write would replace them, losing the user's data."""
+    for path in inputs:
+        if same_file(out, path):
+            alias = "" if str(out) == str(path) else f" (that is {path})"
+            raise UsageError(f"{option} {out}{alias} is a file that this command reads: write the output elsewhere")
 
 
 def remove_numbered_files(folder: Path, name: re.Pattern[str], first: int) -> None:

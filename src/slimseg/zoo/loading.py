@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from slimseg.devices import resolve_device
-from slimseg.errors import SlimsegError, UsageError
+from slimseg.errors import SlimsegError
+from slimseg.io import refuse_overwriting_inputs
 from slimseg.zoo.families import Model, ModelConfig, is_model, model_from_config
 from slimseg.zoo.checkpoint import (
     checkpoint_files,
@@ -152,19 +153,7 @@ def convert_checkpoint(name_or_path: str | Path, out: str | Path, offline: bool 
     source = _resolve(name_or_path, offline=offline)
     with _explained(source):
         read = checkpoint_files(source.path)
-    for path in read:
-        if _same_file(out, path):
-            # atomic replacement of a file the conversion reads: the source weights would be lost
-            alias = "" if str(out) == str(path) else f" (that is {path})"
-            raise UsageError(f"{out}{alias} is a file that the conversion reads: write the output elsewhere")
+    refuse_overwriting_inputs(out, read, "--out")
     model, fmt = _model_from_checkpoint(source)  # the file is read once
     written = save_model(model.eval(), out)
     return {"source": str(source.path), "format": fmt, "out": str(written)}
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` name one file however spelled (symlinks, .., hard links)."""
-    try:
-        return a.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
