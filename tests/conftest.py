@@ -32,7 +32,11 @@ def random_tiny_model(seed: int, **overrides):
     """``tiny_config(**overrides)`` with random weights (norms left at identity), so outputs vary."""
     import slimseg
 
-    model = slimseg.build_model(tiny_config(**overrides))
+    # seeded construction too: buffers such as the prompt encoder's random Fourier features come
+    # from the global generator, which module-scoped fixtures find in whatever state earlier tests left
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = slimseg.build_model(tiny_config(**overrides))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -33,7 +33,7 @@ _MODULE_MAP = {
     "slimseg.modeling.sam.prompt_encoder": "segment_anything_kd.modeling.prompt_encoder",
     "slimseg.modeling.sam.mask_decoder": "segment_anything_kd.modeling.mask_decoder",
     "slimseg.modeling.sam.transformer": "segment_anything_kd.modeling.transformer",
-    "slimseg.modeling.sam.common": "segment_anything_kd.modeling.common",
+    "slimseg.modeling.layers": "segment_anything_kd.modeling.common",
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import slimseg
-from conftest import tiny_config
+from conftest import random_tiny_model
 from slimseg.data.datasets import SA1BDataset
 from slimseg.data.images import read_image
 from slimseg.data.synthetic import write_sa1b_folder
@@ -69,8 +69,9 @@ def _reference_ious(predictor: slimseg.Predictor, dataset: SA1BDataset) -> list[
 
 @pytest.fixture(scope="module")
 def predictor() -> slimseg.Predictor:
-    torch.manual_seed(0)
-    return slimseg.Predictor(slimseg.build_model(tiny_config()))
+    # random weights, not the default initialisation: its nearly flat logits leave pixels within
+    # 1e-5 of the mask threshold, which batched and one-at-a-time decoding may round apart
+    return slimseg.Predictor(random_tiny_model(0))
 
 
 def test_batched_miou_equals_one_prompt_at_a_time(tmp_path: Path, predictor: slimseg.Predictor) -> None:

@@ -198,13 +198,16 @@ def test_checkpoint_errors_start_with_the_checkpoint(tmp_path, sam_layout_bytes)
         assert result.exit_code == 1 and f"error: {tmp_path / name}: " in result.stderr
 
 
-def test_an_onnx_export_folder_as_a_checkpoint_says_use_backend_onnx(tmp_path, image):
+def test_an_onnx_export_folder_as_a_checkpoint_says_which_commands_run_it(tmp_path, image):
     folder = tmp_path / "tiny-onnx"
     folder.mkdir()
     (folder / "slimseg.json").write_text("{}")
     result = runner.invoke(app, ["segment", image, "-m", str(folder), "-b", "0,0,10,10"])
     assert result.exit_code == 1
     assert f"{folder}: a slimseg ONNX export" in result.stderr and "--backend onnx" in result.stderr
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == 1 and "segment and segevery run it with --backend onnx" in result.stderr
+    assert "other commands need the checkpoint it was exported from" in result.stderr
 
 
 def test_models_table_never_cuts_a_name():

@@ -1,12 +1,32 @@
 """slimseg: small and fast Segment Anything."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from slimseg.errors import SlimsegError
+
 __version__ = "0.1.0"
 
-from slimseg.errors import SlimsegError  # noqa: E402
-from slimseg.inference.everything import MaskGenerator  # noqa: E402
-from slimseg.inference.predictor import Predictor  # noqa: E402
-from slimseg.modeling.sam import Sam, SamConfig  # noqa: E402
-from slimseg.zoo import build_model, list_models, load_model, save_model  # noqa: E402
+if TYPE_CHECKING:
+    from slimseg.inference.everything import MaskGenerator
+    from slimseg.inference.predictor import Predictor
+    from slimseg.modeling.sam import Sam, SamConfig
+    from slimseg.zoo import build_model, list_models, load_model, save_model
+
+# The public names import torch and the model code on first use, not with the package: the
+# `slimseg` command imports its own modules under a Ctrl-C handler (slimseg.cli.main).
+_LAZY = {
+    "MaskGenerator": "slimseg.inference.everything",
+    "Predictor": "slimseg.inference.predictor",
+    "Sam": "slimseg.modeling.sam",
+    "SamConfig": "slimseg.modeling.sam",
+    "build_model": "slimseg.zoo",
+    "list_models": "slimseg.zoo",
+    "load_model": "slimseg.zoo",
+    "save_model": "slimseg.zoo",
+}
 
 __all__ = [
     "MaskGenerator",
@@ -20,3 +40,15 @@ __all__ = [
     "load_model",
     "save_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'slimseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

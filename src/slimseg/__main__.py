@@ -1,3 +1,3 @@
-from slimseg.cli.app import main
+from slimseg.cli import main
 
 main()

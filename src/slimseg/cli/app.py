@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.core import TyperArgument, TyperOption
 from typer.exceptions import TyperException
 
 from slimseg import __version__
@@ -20,6 +21,24 @@ from slimseg.cli.models import convert, info, models
 from slimseg.cli.segevery import segevery
 from slimseg.cli.segment import segment
 from slimseg.cli.train import train
+
+def _hide_needless_placeholders() -> None:
+    """Recent typer (0.2x) writes a type such as ``<bool>`` or ``<list[str]>`` beside every
+    parameter in the help: flags take no value (``--json true`` is an error), and arguments
+    are named by their metavar already."""
+    for cls, hidden in ((TyperOption, lambda param: param.is_flag), (TyperArgument, lambda param: True)):
+        display = getattr(cls, "display_type_rich", None)
+        if display is None or getattr(display, "hides_placeholders", False):
+            continue
+
+        def display_type_rich(self, ctx: typer.Context, display=display, hidden=hidden) -> str | None:
+            return None if hidden(self) else display(self, ctx)
+
+        display_type_rich.hides_placeholders = True  # type: ignore[attr-defined]
+        cls.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_needless_placeholders()
 
 app = typer.Typer(
     name="slimseg",

@@ -184,7 +184,7 @@ def _compile_decoder(generator: MaskGenerator) -> None:
 
 
 def segevery(
-    images: Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, folders, quoted globs, or - to read paths from stdin (one per line, or NUL-separated with --null).", show_default=False)],
+    images: Annotated[list[str], typer.Argument(metavar="IMAGES", help="Image files, folders, quoted globs, or - to read paths from stdin (one per line, or NUL-separated with --null).", show_default=False)],
     model: ModelOption = "sam-b",
     sampler: Annotated[Sampler, typer.Option("--sampler", help="grid: SAM's regular point grid; autoppn: points proposed by the model's AutoPPN (lite-sam, or a model trained with `slimseg train --stage autoppn`), at most 256 instead of 1024.")] = Sampler.grid,
     max_proposals: Annotated[Optional[int], typer.Option("--max-proposals", min=1, help="AutoPPN sampler: keep at most this many proposed points (the model's top_k, 256, by default).", show_default=False)] = None,

@@ -124,7 +124,7 @@ def _write_outputs(image: ImageInput, rgb: np.ndarray, results: list[PromptResul
 
 def segment(
     images: Annotated[list[str], typer.Argument(help="Image files, folders, quoted globs, or - to read paths from stdin (one per line, or NUL-separated with --null).",
-                                                metavar="IMAGES...", show_default=False)],
+                                                metavar="IMAGES", show_default=False)],
     model: ModelOption = "sam-b",
     box: Annotated[Optional[list[str]], typer.Option("--box", "-b", metavar="X0,Y0,X1,Y1", help="Box prompt x0,y0,x1,y1 in pixels; repeat for several objects.", show_default=False)] = None,
     point: Annotated[Optional[list[str]], typer.Option("--point", "-p", metavar="X,Y[,LABEL]", help="Point prompt x,y[,label] in pixels, label 1 = foreground (default) or 0 = background; all points form one object (with the box if exactly one is given).", show_default=False)] = None,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimseg.errors import SlimsegError
-from slimseg.modeling.sam.common import LayerNorm2d
+from slimseg.modeling.layers import LayerNorm2d
 
 STRIDES = (4, 8, 16, 32)
 EMBEDDING_STRIDE = 16  # SAM's image embedding is 1/16 of the input side

@@ -103,9 +103,11 @@ def weights_file(path: Path) -> Path:
         if (path / name).is_file():
             return path / name
     if (path / _ONNX_MANIFEST).is_file():
-        # the folder given to `segment --model` without `--backend onnx`: say what was meant
-        raise SlimsegError(f"{path}: a slimseg ONNX export (it has {_ONNX_MANIFEST}), not a checkpoint: run it with "
-                           "--backend onnx (in Python: slimseg.export.runtime.OnnxSam)")
+        # an export given where a checkpoint is read: segment/segevery --model without
+        # --backend onnx, or a command that only runs PyTorch models (info, bench, eval-coco)
+        raise SlimsegError(f"{path}: a slimseg ONNX export (it has {_ONNX_MANIFEST}), not a checkpoint: segment and "
+                           "segevery run it with --backend onnx (in Python: slimseg.export.runtime.OnnxSam); other "
+                           "commands need the checkpoint it was exported from")
     raise SlimsegError(f"{path}: folder holds no {' or '.join(_HF_WEIGHT_FILES)} (nor a sharded "
                        f"{_HF_SHARD_INDEXES[0]})")
 

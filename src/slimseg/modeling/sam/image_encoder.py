@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimseg.modeling.sam.common import LayerNorm2d, MLPBlock
+from slimseg.modeling.layers import LayerNorm2d, MLPBlock
 from slimseg.modeling.sam.config import BlockConfig, ImageEncoderConfig
 from slimseg.modeling.sam.fast_paths import chunked_cpu_inference
 from slimseg.modeling.sam.rel_pos import rel_pos_attention, windowed_cpu_rel_pos_attention, windowed_kernel_applies

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimseg.modeling.sam.common import MLP, LayerNorm2d
+from slimseg.modeling.layers import MLP, LayerNorm2d
 from slimseg.modeling.sam.config import MaskDecoderConfig
 from slimseg.modeling.sam.fast_paths import fast_paths_enabled
 from slimseg.modeling.sam.transformer import TwoWayTransformer

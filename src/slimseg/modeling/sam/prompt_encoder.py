@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from slimseg.modeling.sam.common import LayerNorm2d
+from slimseg.modeling.layers import LayerNorm2d
 
 # Point label codes understood by the prompt encoder (segment-anything's convention).
 LABEL_PADDING = -1

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimseg.modeling.sam.common import MLPBlock
+from slimseg.modeling.layers import MLPBlock
 from slimseg.modeling.sam.fast_paths import fast_paths_enabled
 
 

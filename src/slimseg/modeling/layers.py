@@ -1,4 +1,4 @@
-"""Small building blocks shared by the SAM-family modules."""
+"""Small building blocks shared by the SAM image encoder, prompt encoder, mask decoder and LiteViT."""
 
 from __future__ import annotations
 

@@ -1,0 +1,79 @@
+"""The ``slimseg`` entry point: the package imports lightly, Ctrl-C while torch loads is one
+line, and the help shows value placeholders only where a value is taken."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from slimseg.cli.app import app
+
+runner = CliRunner()
+COMMANDS = ("segment", "segevery", "prune", "distill", "train", "models", "info", "convert", "export",
+            "eval-coco", "bench")
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_importing_slimseg_leaves_torch_until_a_public_name_is_used():
+    completed = _run_python("""
+        import sys
+        import slimseg
+        assert "torch" not in sys.modules, "torch imported with the package"
+        assert {"Predictor", "build_model", "SlimsegError"} <= set(dir(slimseg))
+        from slimseg import MaskGenerator, Predictor, Sam, SamConfig, build_model, load_model
+        assert "torch" in sys.modules and slimseg.Predictor is Predictor
+        try:
+            slimseg.no_such_name
+        except AttributeError as error:
+            assert "no_such_name" in str(error)
+        else:
+            raise SystemExit("no AttributeError")
+    """)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("module", ["slimseg.modeling.autoppn", "slimseg.modeling.litevit", "slimseg.zoo",
+                                    "slimseg.modeling.lite_sam", "slimseg.export.runtime"])
+def test_each_module_imports_first_in_a_fresh_interpreter(module):
+    """The package no longer imports everything up front, so no import order hides a cycle."""
+    completed = _run_python(f"import {module}")
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_status_130():
+    # a KeyboardInterrupt raised by the import of torch is what Ctrl-C in those seconds gives
+    completed = _run_python("""
+        import sys
+
+        class InterruptTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, InterruptTorch())
+        sys.argv = ["slimseg", "info", "sam-b"]
+        from slimseg.cli import main
+        main()
+    """)
+    assert completed.returncode == 130
+    assert completed.stderr == "slimseg: error: interrupted\n"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_no_placeholder_for_flags_or_arguments(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for placeholder in ("<bool>", "<list[str]>"):
+        assert placeholder not in result.stdout, f"{command}: {placeholder}"
+
+
+def test_top_level_help_has_no_flag_placeholders():
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and "<bool>" not in result.stdout and "--threads" in result.stdout
