@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_tiny_model
+from PIL import Image
 from typer.testing import CliRunner
 
 import slimseg
@@ -82,6 +83,18 @@ def test_distill_and_resume_from_the_command_line(teacher_path, sa1b, tmp_path):
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     assert json.loads(resumed.stdout)["final"].endswith("final.safetensors")
     assert slimseg.load_model(tmp_path / "run" / "final.safetensors", device="cpu").config.image_encoder.embed_dim == 24
+    assert Image.open(tmp_path / "run" / "loss.png").text["YLabel"] == "loss (MSE)"
+    files = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in (tmp_path / "run").iterdir()}
+    # fewer epochs than the run has done: refused (exit 2) before any model is read
+    fewer = runner.invoke(app, common + ["--epochs", "1", "--resume", "--offline"])
+    assert fewer.exit_code == 2, fewer.output
+    assert "--epochs 1: the run has reached epoch 2; give --epochs 2 or more" in fewer.stderr
+    # the same epochs as a finished run: nothing to do, and no file is rewritten
+    again = runner.invoke(app, common + ["--epochs", "2", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "already done its 2 epoch(s); nothing to train" in again.stderr
+    assert json.loads(again.stdout)["best_epoch"] == json.loads(resumed.stdout)["best_epoch"]
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in (tmp_path / "run").iterdir()} == files
 
 
 @pytest.mark.parametrize(
@@ -100,6 +113,15 @@ def test_distill_and_resume_from_the_command_line(teacher_path, sa1b, tmp_path):
         (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--model", "LITE"], "pruning needs a SAM", 2),
         (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "FILE"], "is a file: give a folder", 2),
         (["distill", "--student", "STUDENT", "--data", "DATA", "--out", "DATA"], "--resume", 2),
+        # a ratio the widths cannot reach is a usage error that names the highest one
+        (["prune", "--ratio", "0.92", "--data", "DATA", "--out", "OUT"],
+         "leaves no channels of the 48-wide embedding width, so the highest reachable ratio is 0.9166", 2),
+        (["prune", "--ratio", "0.92", "--data", "DATA", "--out", "OUT", "--stage", "bottleneck", "--mode", "global"],
+         "so the highest reachable ratio is 0.9166", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "OUT", "--importance", "l1"],
+         "--importance 'l1': choose one of disturbed-taylor, magnitude, random", 2),
+        (["prune", "--ratio", "0.5", "--data", "DATA", "--out", "WORKFILE"], "needs the work folder", 2),
+        (["prune", "--ratio", "0.5", "--data", "CORRUPT", "--out", "OUT"], "prune: data", 1),
     ],
 )
 def test_bad_compression_input_gives_one_line(teacher_path, sa1b, tmp_path, args, fragment, code):
@@ -109,6 +131,13 @@ def test_bad_compression_input_gives_one_line(teacher_path, sa1b, tmp_path, args
     (tmp_path / "file.txt").write_text("notes")
     replacements.update({"DIRSAFE": str(tmp_path / "dir.safetensors"), "FILE": str(tmp_path / "file.txt"),
                          "UNDERFILE": str(tmp_path / "file.txt" / "x.safetensors")})
+    if "WORKFILE" in args:  # a file where --out r/p.safetensors keeps its distillation runs (r/p.work)
+        (tmp_path / "w.work").write_text("notes")
+        replacements["WORKFILE"] = str(tmp_path / "w.safetensors")
+    if "CORRUPT" in args:
+        (tmp_path / "corrupt").mkdir()
+        (tmp_path / "corrupt" / "a.jpg").write_bytes(b"not a jpeg")
+        replacements["CORRUPT"] = str(tmp_path / "corrupt")
     if "LITE" in args:
         replacements["LITE"] = str(slimseg.save_model(LiteSam(tiny_lite_sam_config()), tmp_path / "lite.safetensors"))
     before = sorted(p.name for p in sa1b.iterdir())
@@ -121,6 +150,8 @@ def test_bad_compression_input_gives_one_line(teacher_path, sa1b, tmp_path, args
     assert result.exit_code == code, result.output
     assert fragment in result.stderr and "Traceback" not in result.stderr
     assert "sigma" not in result.stderr and "internal error" not in result.stderr
+    assert ("distill:" not in result.stderr) if args[0] == "prune" else True
+    assert " taylor," not in result.stderr  # only the values --importance accepts are listed
     assert sorted(p.name for p in sa1b.iterdir()) == before  # nothing written into --data
     assert not (tmp_path / "o.work").exists()  # refused before any pruning step
 
@@ -178,3 +209,43 @@ def test_random_importance_follows_the_plan_seed_not_the_global_rng(sa1b):
     first, second, other = pruned(1, 5), pruned(2, 5), pruned(1, 6)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert any(first[k].shape != other[k].shape or not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("command", ["prune", "distill", "train"])
+@pytest.mark.parametrize("option", ["--data", "--val"])
+@pytest.mark.parametrize("problem", ["missing", "file"])
+def test_data_folders_are_checked_before_any_model_is_read(sa1b, tmp_path, monkeypatch, command, option, problem):
+    # sam-b is not cached here and --offline forbids the download: reading it would fail first
+    monkeypatch.setenv("SLIMSEG_HOME", str(tmp_path / "cache"))
+    bad = tmp_path / "nodir"
+    if problem == "file":
+        bad.write_text("notes")
+    folders = {"--data": str(sa1b), "--val": str(sa1b), option: str(bad)}
+    args = {"prune": ["prune", "--model", "sam-b", "--ratio", "0.5", "--out", str(tmp_path / "p.safetensors")],
+            "distill": ["distill", "--student", "sam-b", "--teacher", "sam-b", "--out", str(tmp_path / "run")],
+            "train": ["train", "--model", "sam-b", "--out", str(tmp_path / "run")]}[command]
+    result = runner.invoke(app, [*args, *[x for pair in folders.items() for x in pair], "--offline"])
+    assert result.exit_code == 1, result.output
+    reason = "no such folder" if problem == "missing" else "is a file, not a folder"
+    assert result.stderr.strip().splitlines() == [f"slimseg: error: {option} {bad}: {reason}"]
+
+
+@pytest.mark.parametrize("command", ["distill", "train"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_last_ckpt_is_named_in_one_short_line(teacher_path, sa1b, tmp_path, command, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    if damage == "garbage":
+        (run / "last.ckpt").write_text("garbage\n")
+    else:
+        torch.save({"version": 1, "weights": torch.zeros(10_000)}, run / "whole.ckpt")
+        data = (run / "whole.ckpt").read_bytes()
+        (run / "last.ckpt").write_bytes(data[: len(data) // 2])
+        (run / "whole.ckpt").unlink()
+    args = (["distill", "--student", str(teacher_path), "--teacher", str(teacher_path)] if command == "distill"
+            else ["train", "--model", str(teacher_path)])
+    result = runner.invoke(app, [*args, "--data", str(sa1b), "--out", str(run), "--resume"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"slimseg: error: {run / 'last.ckpt'}: the checkpoint is corrupt or truncated "
+                     "(not a readable slimseg last.ckpt)"]

@@ -161,6 +161,7 @@ def test_sa1b_missing_and_malformed_json(tmp_path: Path, caplog: pytest.LogCaptu
     paths[3].with_suffix(".json").unlink()  # images without JSON are not part of the dataset
     dataset = SA1BDataset(tmp_path, img_size=64)
     assert [p.name for p in dataset.paths] == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
+    caplog.clear()  # the line about sa_4.jpg (see test_sa1b_images_without_json_get_one_line)
     paths[0].with_suffix(".json").write_text("{not json")
     paths[1].with_suffix(".json").unlink()
     bad_mask = json.loads(paths[2].with_suffix(".json").read_text())
@@ -196,3 +197,43 @@ def test_folder_without_json_is_not_sa1b(tmp_path: Path) -> None:
     write_image_folder(tmp_path, 2, size=(20, 24))
     with pytest.raises(SlimsegError, match="not SA-1B layout"):
         SA1BDataset(tmp_path)
+
+
+def test_sa1b_images_without_json_get_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = write_sa1b_folder(tmp_path, 5, size=(32, 40), objects=1)
+    for path in paths[1:4]:
+        path.with_suffix(".json").unlink()
+    with caplog.at_level(logging.WARNING, logger="slimseg.data"):
+        dataset = SA1BDataset(tmp_path, img_size=64)
+        for index in range(len(dataset)):
+            dataset[index]
+    assert [p.name for p in dataset.paths] == ["sa_1.jpg", "sa_5.jpg"]
+    messages = [r.getMessage() for r in _warnings(caplog)]
+    assert messages == [f"{tmp_path}: leaving out 3 of 5 images that have no sibling <name>.json annotation file "
+                        "(e.g. sa_2.jpg)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimseg.data"):
+        SA1BDataset(write_sa1b_folder(tmp_path / "complete", 2, size=(32, 40))[0].parent, img_size=64)
+    assert _warnings(caplog) == []
+
+
+def test_polygon_segmentation_is_named_as_unsupported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (path,) = write_sa1b_folder(tmp_path, 1, size=(32, 40), objects=1)
+    record = json.loads(path.with_suffix(".json").read_text())
+    record["annotations"][0]["segmentation"] = [[1.0, 1.0, 10.0, 1.0, 10.0, 10.0]]  # a COCO polygon
+    path.with_suffix(".json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="slimseg.data"):
+        assert SA1BDataset(tmp_path, img_size=64)[0] is None
+    (message,) = [r.getMessage() for r in _warnings(caplog)]
+    assert message.endswith("annotation 0 is malformed (segmentation is a polygon list, but it must be COCO RLE "
+                            "{size, counts}: polygons are not supported)")
+
+
+def test_a_folder_of_shards_hints_that_sub_folders_are_not_searched(tmp_path: Path) -> None:
+    write_sa1b_folder(tmp_path / "sa_000020", 1, size=(32, 40))
+    write_sa1b_folder(tmp_path / "sa_000021", 1, size=(32, 40))
+    with pytest.raises(SlimsegError) as error:
+        SA1BDataset(tmp_path, img_size=64)
+    assert str(error.value) == (f"{tmp_path}: no image files in it (its 2 sub-folder(s), e.g. sa_000020, are not "
+                                "searched: give one of them, or a folder that holds the images themselves)")
+    assert len(ImageFolderDataset(tmp_path, img_size=64, recursive=True)) == 2

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_tiny_model
+from PIL import Image
 from typer.testing import CliRunner
 
 import slimseg
@@ -20,7 +21,7 @@ from slimseg.compress.supervised import low_res_targets, mask_loss
 from slimseg.compress.train import train, with_autoppn
 from slimseg.data.datasets import ImageFolderDataset, SA1BDataset, collate_images
 from slimseg.data.synthetic import write_sa1b_folder
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.evaluation.proposal_recall import points_in_masks, proposal_recall
 from slimseg.modeling.autoppn import AutoPPNConfig
 from slimseg.modeling.lite_sam import LiteSam, LiteSamConfig
@@ -110,8 +111,13 @@ def test_end_to_end_mask_training_lowers_every_term_and_resumes(folders, tmp_pat
     _, resumed = train(LiteSam(tiny_lite_sam_config()), data, tmp_path, fast(4), stage="masks", val=val,
                        max_masks=4, resume=True)
     assert [record["epoch"] for record in resumed.epochs] == [1, 2, 3, 4]
-    with pytest.raises(SlimsegError, match="holds a masks run, not a autoppn run"):
+    with pytest.raises(SlimsegError, match="holds a masks run, not an autoppn run"):
         train(LiteSam(tiny_lite_sam_config()), data, tmp_path, fast(5), stage="autoppn", val=val, resume=True)
+    with pytest.raises(UsageError, match="with epochs 2: the run has reached epoch 4; give epochs 4 or more"):
+        train(LiteSam(tiny_lite_sam_config()), data, tmp_path, fast(2), stage="masks", val=val, max_masks=4,
+              resume=True)
+    # the y axis says what was optimised: SAM's mask losses and, with an AutoPPN, its heatmap loss
+    assert Image.open(tmp_path / "loss.png").text["YLabel"] == "loss (20 x focal + dice + IoU MSE + AutoPPN focal)"
 
 
 def test_autoppn_learns_to_find_held_out_objects(folders, tmp_path) -> None:
@@ -169,6 +175,13 @@ def test_train_from_the_command_line(folders, tmp_path) -> None:
     summary = json.loads(result.stdout)
     assert summary["metric"] == "val_recall" and summary["autoppn"] is True
     assert (out / "final.safetensors").is_file() and (out / "loss.png").is_file()
+    # recall is reported beside its chance level: as many random points, and how many that is
+    (record,) = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert 0 <= record["val_random_recall"] <= 1 and record["val_proposals"] > 0
+    epoch_line = next(line for line in result.stderr.splitlines() if line.startswith("epoch 1/1"))
+    assert f"val_random_recall {record['val_random_recall']:.4g}" in epoch_line
+    assert f"val_proposals {record['val_proposals']:.4g}" in epoch_line
+    assert Image.open(out / "loss.png").text["YLabel"] == "loss (AutoPPN focal, per size group)"
 
 
 @pytest.mark.parametrize(("args", "fragment", "code"), [

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, check_output_path, console, user_errors
 from slimseg.compress.checks import check_run_folder as check_fresh_run_folder
-from slimseg.errors import UsageError
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.modeling.sam import Sam
 from slimseg.zoo import load_model, save_model
 from slimseg.zoo.info import complexity
@@ -57,6 +57,32 @@ def check_run_folder(out: Path, resume: bool) -> None:
     nor write into a folder of other files (the library's check, under the options' names)."""
     check_output_path(out, folder=True)
     check_fresh_run_folder(out, resume, "--out", "--resume")
+
+
+def check_input_folders(**folders: Path | None) -> None:
+    """``--data`` and ``--val`` must be existing folders: said before any model is read (a
+    download of SAM-B takes minutes), as output paths are. Keyword names are option names
+    (``val`` → ``--val``); None (an option not given) passes."""
+    for name, folder in folders.items():
+        if folder is None:
+            continue
+        if not folder.exists():
+            raise SlimsegError(f"--{name} {folder}: no such folder")
+        if not folder.is_dir():
+            raise SlimsegError(f"--{name} {folder}: is a file, not a folder")
+
+
+def check_resume_epochs(out: Path, epochs: int) -> None:
+    """With --resume, a last.ckpt that cannot be read, or a run that has done more than
+    ``--epochs`` epochs, is refused before any model is read. The tensors are memory-mapped,
+    not read; the library checks the rest once the models are there."""
+    from slimseg.compress.training_loop import check_resume_epochs as check_epochs
+    from slimseg.compress.training_state import load_training_state
+
+    state = load_training_state(out, mmap=True)
+    done = state.get("epoch")
+    if isinstance(done, int):
+        check_epochs(out, done, epochs, "--epochs")
 
 
 def _summary(label: str, model: Sam) -> dict:
@@ -102,34 +128,45 @@ def prune(
 ) -> None:
     """Prune a SAM image encoder the SlimSAM way and save the exact pruned architecture."""
     from slimseg.compress.distill import DistillConfig
-    from slimseg.compress.importance import IMPORTANCE_CHOICES
-    from slimseg.compress.slimming import STAGE_CHOICES, SlimmingPlan, alternate_slimming, check_prunable
+    from slimseg.compress.slimming import (
+        SLIMMING_IMPORTANCES,
+        STAGE_CHOICES,
+        SlimmingPlan,
+        alternate_slimming,
+        check_prunable,
+    )
     from slimseg.devices import resolve_device
 
     with user_errors():
         if out.suffix != ".safetensors":
             raise UsageError(f"--out {out}: the file name must end in .safetensors")
-        for name, value, choices in (("--mode", mode, ("local", "global")), ("--stage", stage, STAGE_CHOICES),
-                                     ("--importance", importance, IMPORTANCE_CHOICES)):
-            if value not in choices:
-                raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
         if importance == "taylor":
             # each step's reference is the model it prunes, so the noiseless gradient is zero
             raise UsageError("--importance taylor needs a student that differs from its teacher, and each pruning "
                              "step starts from a copy of it: use --importance disturbed-taylor (the default), "
                              "magnitude or random")
+        for name, value, choices in (("--mode", mode, ("local", "global")), ("--stage", stage, STAGE_CHOICES),
+                                     ("--importance", importance, SLIMMING_IMPORTANCES)):
+            if value not in choices:
+                raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
         check_output_path(out, folder=False)
-        check_output_path(out.parent / f"{out.stem}.work", "--out", folder=True)
+        work = out.parent / f"{out.stem}.work"
+        if work.exists() and not work.is_dir():
+            raise UsageError(f"--out {out} needs the work folder {work} for its distillation runs, but that is "
+                             "a file: move it away or choose another --out")
+        check_output_path(work, "--out", folder=True)
+        check_input_folders(data=data, val=val)
         target = resolve_device(device_for_rank(device))
         teacher = load_model(model, device=target, offline=offline)
         check_prunable(teacher, f"--model {model}")
-        train, val_set = _datasets(data, val, teacher.img_size, limit)
         plan = SlimmingPlan(ratio=ratio, stage=stage, mode=mode, importance=importance, grad_images=grad_images,
                             distill_epochs=distill_epochs,
                             distill=DistillConfig(batch_size=batch_size, grad_accum=grad_accum, lr=lr, amp=amp,
                                                   num_workers=workers))
+        plan.check(teacher)  # an unreachable --ratio, before the data is listed
+        train, val_set = _datasets(data, val, teacher.img_size, limit)
         before = _summary(str(model), teacher)
-        result = alternate_slimming(teacher, train, plan, out.parent / f"{out.stem}.work", target, val=val_set,
+        result = alternate_slimming(teacher, train, plan, work, target, val=val_set,
                                     console=console, on_step=lambda message: console.print(f"slimseg prune: {message}"))
         save_model(result.model.cpu(), out)
         after = _summary(str(out), result.model)
@@ -175,6 +212,9 @@ def distill(
         if align not in ALIGN_CHOICES:
             raise UsageError(f"--align {align!r}: choose one of {', '.join(ALIGN_CHOICES)}")
         check_run_folder(out, resume)
+        check_input_folders(data=data, val=val)
+        if resume:
+            check_resume_epochs(out, epochs)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
         student_model = starting_model(student, target, offline, resume)

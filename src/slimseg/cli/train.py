@@ -11,7 +11,19 @@ from typing import Annotated, Optional
 import typer
 
 from slimseg.cli.common import DeviceOption, OfflineOption, console, user_errors
-from slimseg.cli.compress import AccumOption, AmpOption, BatchOption, LimitOption, LrOption, WorkersOption, check_run_folder, device_for_rank, starting_model
+from slimseg.cli.compress import (
+    AccumOption,
+    AmpOption,
+    BatchOption,
+    LimitOption,
+    LrOption,
+    WorkersOption,
+    check_input_folders,
+    check_resume_epochs,
+    check_run_folder,
+    device_for_rank,
+    starting_model,
+)
 from slimseg.errors import SlimsegError, UsageError
 
 
@@ -59,6 +71,9 @@ def train(
         if stage not in TRAIN_STAGES:
             raise UsageError(f"--stage {stage!r}: choose one of {', '.join(TRAIN_STAGES)}")
         check_run_folder(out, resume)
+        check_input_folders(data=data, val=val)
+        if resume:
+            check_resume_epochs(out, epochs)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
         start = starting_model(model, target, offline, resume)

@@ -37,22 +37,25 @@ __all__ = ["DistillConfig", "DistillResult", "distill", "init_distributed_from_e
 
 
 def check_distill_data(student: Sam, teacher: Sam, train: Dataset, val: Dataset | None,
-                       val_limit: int | None) -> dict[str, Any]:
+                       val_limit: int | None, names: tuple[str, str] = ("distill: train", "distill: val")
+                       ) -> dict[str, Any]:
     """Refuse, before any epoch, data that the run could not use: an empty or unreadable
     training set, images at another size than the student's (or, for a teacher of another
     size, without its copy at the teacher's size), a validation set without annotated
-    objects. Returns the first readable training item (for the dry forward)."""
-    item = first_item(train, "distill: train")
-    check_image_size(item, "distill: train", student.img_size, model="the student")
+    objects. ``names`` name the two sets in messages (a prune run checks them too).
+    Returns the first readable training item (for the dry forward)."""
+    train_name, val_name = names
+    item = first_item(train, train_name)
+    check_image_size(item, train_name, student.img_size, model="the student")
     if "teacher_image" in item or teacher.img_size != student.img_size:
         if "teacher_image" not in item:
-            raise SlimsegError(f"distill: train: the teacher takes {teacher.img_size} px and the student "
+            raise SlimsegError(f"{train_name}: the teacher takes {teacher.img_size} px and the student "
                                f"{student.img_size} px, but the dataset gives no teacher_image; build it with "
                                f"teacher_img_size={teacher.img_size}")
-        check_image_size(item, "distill: train", teacher.img_size, "teacher_image", "teacher_img_size",
+        check_image_size(item, train_name, teacher.img_size, "teacher_image", "teacher_img_size",
                          model="the teacher")
     if val is not None:
-        check_annotated(val, "distill: val", val_limit)
+        check_annotated(val, val_name, val_limit)
     return item
 
 
@@ -154,6 +157,7 @@ def _distill(student: Sam, teacher: Sam, train: Dataset, first: dict[str, Any], 
         validate=point_miou_validator(val, config.val_limit) if val is not None else None,
         weight_for_epoch=lambda epoch: weight if pairs and epoch <= intermediate_epochs else None,
         extra_state={"intermediate_epochs": intermediate_epochs}, title="Distillation loss",
+        loss_label="loss (MSE)",
         references=(teacher,), frozen_name="the teacher's weights or the student's outside its image encoder")
     try:
         result = run_training(task, train, out_dir, config, device, state, progress, on_epoch_end)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from slimseg.io import atomic_output
 
@@ -62,6 +63,7 @@ def draw_loss_curve(
     epoch_ends: Sequence[tuple[int, int]],
     title: str = "Distillation loss",
     size: tuple[int, int] = (800, 500),
+    y_label: str = "loss (MSE)",
 ) -> None:
     """Write the per-step loss polyline with epoch markers to ``path`` atomically.
 
@@ -70,6 +72,9 @@ def draw_loss_curve(
             losses are left out).
         epoch_ends: (epoch, last step of that epoch) pairs, drawn as dashed verticals.
         size: (width, height) in pixels.
+        y_label: what the loss is (distillation: MSE; mask training: focal + dice + IoU).
+            It is also stored with the title as PNG text ("Title", "YLabel"), so that tools
+            can tell the curves of different runs apart without reading pixels.
     """
     width, height = size
     image = Image.new("RGB", size, _BACKGROUND)
@@ -108,12 +113,15 @@ def draw_loss_curve(
         draw.text((x - 3, top + 3), f"e{epoch}", fill=_EPOCH, font=label_font, anchor="rt")
     draw.rectangle([left, top, right, bottom], outline=_AXIS)
     draw.text(((left + right) / 2, height - 20), "optimizer step", fill=_AXIS, font=label_font, anchor="mm")
-    draw.text((left, top - 6), "loss (MSE)", fill=_AXIS, font=label_font, anchor="lb")
+    draw.text((left, top - 6), y_label, fill=_AXIS, font=label_font, anchor="lb")
 
     pixels = [to_pixel(s, v) for s, v in points]
     if len(pixels) > 1:
         draw.line(pixels, fill=_LINE, width=2, joint="curve")
     for x, y in pixels if len(pixels) <= 60 else ():
         draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=_LINE)
+    info = PngInfo()
+    info.add_itxt("Title", title)
+    info.add_itxt("YLabel", y_label)
     with atomic_output(path) as temporary:
-        image.save(temporary, format="PNG")
+        image.save(temporary, format="PNG", pnginfo=info)

@@ -4,7 +4,10 @@ Step records: ``{"kind": "step", "epoch", "step", "loss", "embedding_loss",
 "intermediate_loss", "lr", "images_per_s"}``; epoch records: ``{"kind": "epoch", "epoch",
 "step", "train_loss", "embedding_loss", "intermediate_loss", "val_miou", "lr", "seconds",
 "images"}``. ``intermediate_loss`` is null when the intermediate terms were off; ``val_miou``
-is null without a validation set. Epochs and steps count from 1.
+is null without a validation set. ``slimseg train`` logs its own loss terms (``mask_loss``,
+``iou_loss``, ``heatmap_loss``; per size group for AutoPPN) and, for AutoPPN, ``val_recall``
+with ``val_random_recall`` (as many random points) and ``val_proposals`` (points per image)
+instead of ``val_miou``. Epochs and steps count from 1.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from torch import nn
 
 from slimseg.validation import as_integer, as_real
 from slimseg.compress.importance import check_gradients, make_importance, uses_gradients
-from slimseg.compress.prune_global import check_global_budget, global_bottleneck_groups
+from slimseg.compress.prune_global import global_bottleneck_groups
+from slimseg.compress.ratio_limits import check_ratio_reachable
 from slimseg.errors import SlimsegError
 from slimseg.modeling.sam import Sam, SamConfig
 from slimseg.modeling.sam.image_encoder import Attention, ImageEncoderViT
@@ -137,10 +138,8 @@ def check_pruning(model: Sam, ratio: Any, stage: str, mode: str, round_to: int |
     round_to = round_to or math.lcm(*(block.attn.num_heads for block in encoder.blocks))
     if ratio == 0:
         return ratio, round_to
-    if stage == "bottleneck" and mode == "global":
-        check_global_budget(encoder, ratio, round_to)  # blocks share a budget: totals matter
-    else:
-        _check_widths_survive(encoder, ratio, stage, round_to)
+    # tp would silently skip a group the ratio empties; global blocks share a budget
+    check_ratio_reachable(encoder, ratio, stage, mode, round_to)
     return ratio, round_to
 
 
@@ -158,21 +157,6 @@ def _tracing_input(encoder: ImageEncoderViT, example_input: torch.Tensor | None)
         raise SlimsegError(f"example_input must be a (1, 3, {size}, {size}) tensor (the encoder's input size), "
                            f"got {shape}")
     return example_input.to(device=weight.device, dtype=weight.dtype)
-
-
-def _check_widths_survive(encoder: ImageEncoderViT, ratio: float, stage: Stage, round_to: int) -> None:
-    """Refuse ratios that would leave a sub-structure with no channel: torch-pruning would
-    silently skip such a group instead."""
-    if stage == "embedding":
-        widths = [("embedding width", encoder.patch_embed.proj.out_channels, round_to)]
-    else:
-        widths = []
-        for block in encoder.blocks:
-            widths.append(("q/k/v head dim", block.attn.q.out_features // block.attn.num_heads, 1))
-            widths.append(("MLP hidden width", block.mlp.lin1.out_features, 1))
-    for name, width, unit in widths:
-        if int(width * (1 - ratio)) < unit:
-            raise SlimsegError(f"pruning ratio {ratio} leaves no channels of the {width}-wide {name}")
 
 
 def _run_pruner(

@@ -6,35 +6,22 @@ budget is computed and spent here, every block keeping its floor.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimseg.errors import SlimsegError
-from slimseg.modeling.sam.image_encoder import ImageEncoderViT
+from slimseg.compress.ratio_limits import RatioOutOfReach, global_highest, global_target
 
-__all__ = ["check_global_budget", "global_bottleneck_groups"]
-
-
-def check_global_budget(encoder: ImageEncoderViT, ratio: float, round_to: int) -> None:
-    """Refuse, before tracing, a global ratio that the per-block floors make unreachable."""
-    blocks = list(encoder.blocks)
-    _global_target([b.attn.q.out_features // b.attn.num_heads for b in blocks], 1, ratio,
-                   "q/k/v offset per head")
-    _global_target([b.mlp.lin1.out_features for b in blocks], round_to, ratio, "MLP channels")
+__all__ = ["global_bottleneck_groups"]
 
 
 def _global_target(widths: list[int], unit: int, ratio: float, what: str) -> int:
-    """Chunks of ``unit`` channels a scope keeps: its budget rounded down once, not per block."""
-    total = sum(widths)
-    # The epsilon stops e.g. 10 * (1 - 0.9) = 0.9999999999999998 from flooring to 0.
-    target = math.floor(total * (1 - ratio) + 1e-9) // unit
+    """Chunks of ``unit`` channels a scope keeps (``check_ratio_reachable`` has refused a
+    ratio that leaves a block nothing; this guards direct callers)."""
+    target = global_target(widths, unit, ratio)
     if target < len(widths):
-        highest = math.floor((1 - len(widths) * unit / total) * 1e4) / 1e4
-        raise SlimsegError(f"global pruning cannot reach ratio {ratio}: every block keeps at least {unit} "
-                           f"{what}, so the highest reachable ratio is {highest}")
+        raise RatioOutOfReach(f"global pruning cannot reach ratio {ratio}: every block keeps at least {unit} {what}",
+                              global_highest(widths, unit))
     return target
 
 

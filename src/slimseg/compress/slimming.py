@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,11 +29,14 @@ from slimseg.compress.importance import (
     make_importance,
 )
 from slimseg.compress.prune import PruneReport, check_pruning, prune_image_encoder
+from slimseg.compress.ratio_limits import RatioOutOfReach, highest_ratio
 from slimseg.data.datasets import collate_images
 from slimseg.errors import SlimsegError, UsageError
 from slimseg.modeling.sam import Sam
 
 STAGE_CHOICES = ("embedding", "bottleneck", "both")
+# IMPORTANCE_CHOICES less plain taylor, whose gradient is zero in every step here (see check)
+SLIMMING_IMPORTANCES = tuple(name for name in IMPORTANCE_CHOICES if name != "taylor")
 # After pruning one sub-structure, distillation aligns the features that pruning left intact.
 _ALIGN_AFTER = {"embedding": "bottleneck", "bottleneck": "embedding"}
 DISTURB_SIGMA = 0.01
@@ -61,7 +65,8 @@ class SlimmingPlan:
         leaves the widths of the other as they were."""
         stages = self.stages()
         if self.importance not in IMPORTANCE_CHOICES:
-            raise SlimsegError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_CHOICES)}")
+            raise SlimsegError(f"unknown importance {self.importance!r}; "
+                               f"choose one of {', '.join(SLIMMING_IMPORTANCES)}")
         if self.importance == "taylor":
             # Each step's reference is a copy of the model it prunes, so the noiseless gradient is zero.
             raise SlimsegError("importance 'taylor' has a zero gradient here (each pruning step's reference equals "
@@ -74,7 +79,14 @@ class SlimmingPlan:
             as_integer(self.distill.seed, "distill: seed")  # seeds the gradient noise and random importance
         check_prunable(teacher)
         for stage in stages:
-            check_pruning(teacher, self.ratio, stage, self.mode)
+            try:
+                check_pruning(teacher, self.ratio, stage, self.mode)
+            except RatioOutOfReach as error:
+                # the ceiling of the whole plan, not of the stage that failed first
+                highest = min(highest_ratio(teacher.image_encoder, other, self.mode,
+                                            math.lcm(*(b.attn.num_heads for b in teacher.image_encoder.blocks)))
+                              for other in stages)
+                raise RatioOutOfReach(error.reason, highest) from None
         return stages
 
 
@@ -126,7 +138,8 @@ def alternate_slimming(
     """
     stages = plan.check(teacher)
     if plan.distill_epochs > 0 or plan.importance in GRADIENT_IMPORTANCES:
-        check_distill_data(teacher, teacher, data, val if plan.distill_epochs > 0 else None, plan.distill.val_limit)
+        check_distill_data(teacher, teacher, data, val if plan.distill_epochs > 0 else None, plan.distill.val_limit,
+                           names=("prune: data", "prune: val"))
     teacher = teacher.to(device).eval()
     student = copy.deepcopy(teacher)
     reports = []

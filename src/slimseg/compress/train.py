@@ -57,12 +57,26 @@ def with_autoppn(model: nn.Module, config: AutoPPNConfig | None = None) -> nn.Mo
     return extended
 
 
-def _validator(stage: str, val: Dataset, limit: int | None) -> Callable[[nn.Module], float]:
+def _validator(stage: str, val: Dataset, limit: int | None) -> Callable[[nn.Module], float | dict[str, float]]:
     if stage == "masks":
         return point_miou_validator(val, limit)
     from slimseg.evaluation.proposal_recall import proposal_recall
 
-    return lambda model: proposal_recall(model, val, limit=limit).recall
+    def recall(model: nn.Module) -> dict[str, float]:
+        # Recall alone reads 1.0 on easy images even at chance: the recall of as many random
+        # points, and how many points that is, say what it is worth.
+        result = proposal_recall(model, val, limit=limit)
+        return {"recall": result.recall, "random_recall": result.random_recall, "proposals": result.proposals}
+
+    return recall
+
+
+def _loss_label(stage: str, model: nn.Module, heatmap_weight: float) -> str:
+    """The y axis of loss.png: what the objective sums (compress/supervised.py)."""
+    if stage == "autoppn":
+        return "loss (AutoPPN focal, per size group)"
+    heatmap = " + AutoPPN focal" if getattr(model, "autoppn", None) is not None and heatmap_weight > 0 else ""
+    return f"loss (20 x focal + dice + IoU MSE{heatmap})"
 
 
 def train(
@@ -125,6 +139,8 @@ def train(
         task = TrainingTask(kind=stage, model=model, objective=objective, trained=trained,
                             validate=_validator(stage, val, config.val_limit) if val is not None else None,
                             val_name="miou" if stage == "masks" else "recall",
+                            val_extras=() if stage == "masks" else ("random_recall", "proposals"),
+                            loss_label=_loss_label(stage, model, heatmap_weight),
                             title="AutoPPN loss" if stage == "autoppn" else "Mask loss",
                             extra_state=settings, frozen_name="the model's weights outside its AutoPPN")
         state = load_resume_state(out_dir, stage, model, config, task.mode, settings) if resume else None

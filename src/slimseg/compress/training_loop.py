@@ -14,7 +14,7 @@ rank 0 only, atomically):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,10 @@ from slimseg.compress.training_state import (
     weights_fingerprint,
 )
 from slimseg.data.datasets import collate_images
-from slimseg.errors import SlimsegError
+from slimseg.errors import SlimsegError, UsageError
 from slimseg.zoo.loading import save_model
 
-__all__ = ["TrainingTask", "load_resume_state", "run_training"]
+__all__ = ["TrainingTask", "check_resume_epochs", "load_resume_state", "run_training"]
 
 # Settings that must not change on resume: they decide which images meet in which step, or
 # the restored state would silently override the new value (lr: the optimizer's state), or
@@ -60,6 +60,9 @@ class TrainingTask:
         trained: the module whose parameters the optimizer updates and last.ckpt stores.
         validate: the validation metric of the model (higher is better), or None to let the
             training loss drive the schedule; ``val_name`` names it in the records (val_<name>).
+            It may return a dict instead: the metric under ``val_name`` plus the values named in
+            ``val_extras``, logged beside it (val_<extra>) but not driving anything.
+        loss_label: what the loss is, for the y axis of loss.png.
         weight_for_epoch: the ``weight`` the objective gets in each epoch (distillation: the
             intermediate weight while those terms are on).
         references: other modules the run reads but never trains (the teacher). They and the
@@ -71,8 +74,10 @@ class TrainingTask:
     model: nn.Module
     objective: nn.Module
     trained: nn.Module
-    validate: Callable[[nn.Module], float] | None = None
+    validate: Callable[[nn.Module], float | Mapping[str, float]] | None = None
     val_name: str = "miou"
+    val_extras: tuple[str, ...] = ()
+    loss_label: str = "loss"
     weight_for_epoch: Callable[[int], float | None] = lambda epoch: None
     extra_state: dict[str, Any] = field(default_factory=dict)
     title: str = "Training loss"
@@ -100,6 +105,18 @@ def _loader(train: Dataset, config: DistillConfig, epoch: int) -> DataLoader:
     return DataLoader(train, shuffle=True, generator=generator, **common)
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def check_resume_epochs(out_dir: Path, done: int, epochs: int, option: str = "epochs") -> None:
+    """A resume may only add epochs: fewer than the run has done would leave last.ckpt,
+    metrics.jsonl and best.safetensors past the end that final.safetensors claims."""
+    if epochs < done:
+        raise UsageError(f"cannot resume from {out_dir} with {option} {epochs}: the run has reached epoch {done}; "
+                         f"give {option} {done} or more")
+
+
 def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: DistillConfig, mode: str,
                       settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``out_dir/last.ckpt``, checked to belong to a run that this one can continue.
@@ -109,8 +126,8 @@ def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: Distil
     """
     state = load_training_state(out_dir)
     if state.get("kind", "distill") != kind:
-        raise SlimsegError(f"cannot resume from {out_dir}: it holds a {state.get('kind', 'distill')} run, "
-                           f"not a {kind} run")
+        raise SlimsegError(f"cannot resume from {out_dir}: it holds {_a(state.get('kind', 'distill'))} run, "
+                           f"not {_a(kind)} run")
     if state["model_config"] != model.config.to_json():
         raise SlimsegError(f"cannot resume from {out_dir}: last.ckpt holds a model of another architecture")
     saved = state["distill_config"]
@@ -121,6 +138,7 @@ def load_resume_state(out_dir: Path, kind: str, model: nn.Module, config: Distil
     if differing:
         raise SlimsegError(f"cannot resume from {out_dir}: settings differ from the run's ({'; '.join(differing)}); "
                            "resume with the same settings, or start a new run in another folder")
+    check_resume_epochs(out_dir, int(state["epoch"]), config.epochs)
     if state["world_size"] != rank_and_world()[1]:
         raise SlimsegError(f"cannot resume from {out_dir}: it ran on {state['world_size']} process(es), "
                            f"now {rank_and_world()[1]}")
@@ -136,13 +154,13 @@ def _improved(metric: float, best: float | None, mode: str) -> bool:
     return best is None or (metric > best if mode == "max" else metric < best)
 
 
-def _redraw_plot(out_dir: Path, title: str) -> None:
+def _redraw_plot(out_dir: Path, title: str, loss_label: str) -> None:
     records = read_metrics(out_dir / "metrics.jsonl")
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [(int(r["epoch"]), int(r["step"])) for r in records if r.get("kind") == "epoch"]
     draw_loss_curve(out_dir / "loss.png", [int(r["step"]) for r in steps],
                     [float("nan") if r["loss"] is None else float(r["loss"]) for r in steps], epochs,
-                    title=f"{title}: {out_dir.name}")
+                    title=f"{title}: {out_dir.name}", y_label=loss_label)
 
 
 class _Run:
@@ -207,12 +225,16 @@ class _Run:
 
         stats, self.step = runner.run(loader, len(loader), weight, self.step, config.log_every, on_log)
         self.epoch = epoch
-        val = None
+        val, extras = None, {}
         if task.validate is not None:
+            values: Mapping[str, float] = {}
             if self.main:
                 task.model.eval()
-                val = task.validate(task.model)
-            val = broadcast_float(val)
+                result = task.validate(task.model)
+                values = result if isinstance(result, Mapping) else {task.val_name: result}
+            # every rank writes the same record keys (on_epoch_end), with rank 0's values
+            val = broadcast_float(values.get(task.val_name))
+            extras = {f"val_{name}": broadcast_float(values.get(name)) for name in task.val_extras}
         metric = val if task.mode == "max" else stats.loss
         self.scheduler.step(metric)
         improved = _improved(metric, self.best, task.mode)
@@ -220,7 +242,7 @@ class _Run:
             self.best, self.best_epoch = metric, epoch
         record = {"kind": "epoch", "epoch": epoch, "step": self.step, "train_loss": stats.loss,
                   **{f"{name}_loss": value for name, value in stats.parts.items()},
-                  f"val_{task.val_name}": val,
+                  f"val_{task.val_name}": val, **extras,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds, "images": stats.images,
                   "improved": improved}
         if self.main:
@@ -229,12 +251,17 @@ class _Run:
                 save_model(task.model, self.out_dir / "best.safetensors")
             self.checkpoint()
             self.metrics.append(record)
-            _redraw_plot(self.out_dir, task.title)
+            _redraw_plot(self.out_dir, task.title, task.loss_label)
             self.progress.log(f"epoch {epoch}/{config.epochs}: loss {stats.loss:.6g}"
                               + ("" if val is None else f", {task.metric} {val:.4f}")
+                              + "".join(f", {name} {_number(value)}" for name, value in extras.items())
                               + f", lr {record['lr']:.2e}, {stats.seconds:.1f}s")
         if on_epoch_end is not None:
             on_epoch_end(record)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def run_training(task: TrainingTask, train: Dataset, out_dir: Path, config: DistillConfig, device: torch.device,
@@ -261,11 +288,16 @@ def run_training(task: TrainingTask, train: Dataset, out_dir: Path, config: Dist
     if state is not None:
         # Last, so that nothing above (a dry forward included) can shift the restored streams.
         restore_rng_state(state["rng"])
+    finished = state is not None and run.epoch >= config.epochs
+    if finished and main:
+        # Resuming a finished run (a job script that always passes --resume) does nothing: its
+        # files stay as they are; final.safetensors is written only if the run stopped before it.
+        progress.log(f"{out_dir}: the run has already done its {run.epoch} epoch(s); nothing to train")
     with progress:
         while run.epoch < config.epochs:
             run.run_epoch(runner, train, on_epoch_end)
     task.model.eval()
-    if main:
+    if main and not (finished and (out_dir / "final.safetensors").is_file()):
         save_model(task.model, out_dir / "final.safetensors")
     epochs = [r for r in read_metrics(out_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
     return DistillResult(out_dir, epochs, task.metric, run.best, run.best_epoch)

@@ -65,18 +65,30 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
         torch.save({"version": CHECKPOINT_VERSION, **state}, temporary)
 
 
-def load_training_state(out_dir: Path) -> dict[str, Any]:
-    """Read ``out_dir/last.ckpt`` safely (weights_only) onto the CPU."""
+def load_training_state(out_dir: Path, mmap: bool = False) -> dict[str, Any]:
+    """Read ``out_dir/last.ckpt`` safely (weights_only) onto the CPU; ``mmap`` maps the tensors
+    instead of reading them, for a quick look at the run's progress before any model is loaded."""
     path = out_dir / "last.ckpt"
     if not path.is_file():
         raise SlimsegError(f"nothing to resume in {out_dir}: no last.ckpt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise SlimsegError(f"{path}: not a readable slimseg training checkpoint ({error})") from None
+        with path.open("rb"):  # the file system's complaint (permissions) in its own words
+            pass
+    except OSError as error:
+        raise SlimsegError(f"{path}: cannot read it ({error.strerror or error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # torch raises several types (OSError from mmap too) for truncated or foreign files
+        # Not torch's message: it advises weights_only=False (running the file's pickled code)
+        # and, for a truncated archive, runs to hundreds of characters of zip internals.
+        raise SlimsegError(_corrupt(path)) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise SlimsegError(f"{path}: not a slimseg training checkpoint of version {CHECKPOINT_VERSION}")
     return state
+
+
+def _corrupt(path: Path) -> str:
+    return f"{path}: the checkpoint is corrupt or truncated (not a readable slimseg last.ckpt)"
 
 
 def weights_fingerprint(modules: Iterable[nn.Module], exclude: nn.Module) -> str:

@@ -89,8 +89,7 @@ class ImageFolderDataset(Dataset):
             raise SlimsegError(f"{root}: is not a folder")
         found = _list_images(self.root, recursive)
         if not found:
-            where = "in it or its subfolders" if recursive else "in it"
-            raise SlimsegError(f"{root}: no image files {where}")
+            raise SlimsegError(f"{root}: no image files {_where(self.root, recursive)}")
         selected = self._select(found)
         self.paths: list[Path] = selected[:limit] if limit is not None else selected
         # Paths already warned about; a training run revisits every file each epoch.
@@ -158,6 +157,13 @@ class SA1BDataset(ImageFolderDataset):
             raise SlimsegError(
                 f"{self.root}: not SA-1B layout (no image has a sibling <name>.json annotation file)"
             )
+        if len(kept) < len(paths):
+            # One line for the folder, as a bad JSON gets one per file: a shard with thousands
+            # of unlabelled images must not print thousands of lines.
+            unlabelled = next(path for path in paths if not path.with_suffix(".json").is_file())
+            logger.warning("%s", _one_line(
+                f"{self.root}: leaving out {len(paths) - len(kept)} of {len(paths)} images that have no sibling "
+                f"<name>.json annotation file (e.g. {unlabelled.name})"))
         return kept
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
@@ -234,6 +240,12 @@ def _has_point_prompt(record: dict) -> bool:
 
 def _parse_annotation(record: dict, image_size: tuple[int, int]) -> Annotation | None:
     segmentation = record["segmentation"]
+    if not isinstance(segmentation, dict):
+        # COCO polygons (a list of coordinate lists) would need the mask rasterised at an
+        # unknown resolution; SA-1B itself always stores RLE.
+        shape = "a polygon list" if isinstance(segmentation, list) else f"a {type(segmentation).__name__}"
+        raise ValueError(f"segmentation is {shape}, but it must be COCO RLE {{size, counts}}: "
+                         "polygons are not supported")
     size = [int(value) for value in segmentation["size"]]
     counts = segmentation["counts"]
     if not isinstance(counts, (str, list)):
@@ -285,6 +297,21 @@ def _list_images(root: Path, recursive: bool) -> list[Path]:
             if path.is_file():
                 found.append(path)
     return sorted(found, key=lambda path: path.relative_to(root).parts)
+
+
+def _where(root: Path, recursive: bool) -> str:
+    """Where no image was found, with a hint when the images are likely one level down (a
+    folder of SA-1B shards): only the folder itself is searched."""
+    if recursive:
+        return "in it or its subfolders"
+    try:
+        subfolders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    except OSError:
+        subfolders = []
+    if not subfolders:
+        return "in it"
+    return (f"in it (its {len(subfolders)} sub-folder(s), e.g. {subfolders[0]}, are not searched: "
+            "give one of them, or a folder that holds the images themselves)")
 
 
 def _channel_tensor(values: Sequence[float], name: str) -> torch.Tensor:
