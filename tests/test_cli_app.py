@@ -77,3 +77,17 @@ def test_help_shows_no_placeholder_for_flags_or_arguments(command):
 def test_top_level_help_has_no_flag_placeholders():
     result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0 and "<bool>" not in result.stdout and "--threads" in result.stdout
+
+
+def test_choice_options_show_the_values_they_accept():
+    from slimseg.compress.losses import ALIGN_CHOICES
+    from slimseg.compress.slimming import SLIMMING_IMPORTANCES, STAGE_CHOICES
+    from slimseg.compress.train import TRAIN_STAGES
+
+    expected = {"prune": [("--mode", ("local", "global")), ("--stage", STAGE_CHOICES),
+                          ("--importance", SLIMMING_IMPORTANCES)],
+                "distill": [("--align", ALIGN_CHOICES)], "train": [("--stage", TRAIN_STAGES)]}
+    for command, options in expected.items():
+        text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"}).stdout.split())
+        for option, values in options:
+            assert f"{option} {'|'.join(values)} " in text, (command, option)

@@ -39,7 +39,7 @@ def _check_annotated(option: str, dataset) -> None:
 
 def train(
     model: Annotated[str, typer.Option("--model", "-m", metavar="NAME|PATH", help="Model to train: a checkpoint in any supported format, a registered name with weights, or lite-sam (random initialisation; distil its encoder first with `slimseg distill --student lite-sam`).")] = "lite-sam",
-    stage: Annotated[str, typer.Option("--stage", help="masks: the whole model learns from point and box prompts on the masks (plus the AutoPPN heatmap if the model has one); autoppn: only an AutoPPN head learns, on the frozen encoder (a SAM or SlimSAM model gets a new one).")] = "masks",
+    stage: Annotated[str, typer.Option("--stage", metavar="masks|autoppn", help="masks: the whole model learns from point and box prompts on the masks (plus the AutoPPN heatmap if the model has one); autoppn: only an AutoPPN head learns, on the frozen encoder (a SAM or SlimSAM model gets a new one).")] = "masks",
     data: Annotated[Path, typer.Option("--data", metavar="DIR", help="SA-1B folder: sa_*.jpg with sa_*.json masks.", show_default=False)] = ...,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Run folder: last.ckpt (resumable), best.safetensors, final.safetensors, metrics.jsonl, loss.png.", show_default=False)] = ...,
     val: Annotated[Optional[Path], typer.Option("--val", metavar="DIR", help="SA-1B folder for validation: point-prompt mIoU (masks) or proposal recall (autoppn) drives the schedule and best.safetensors.", show_default=False)] = None,
