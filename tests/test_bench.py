@@ -151,6 +151,42 @@ def test_json_in_a_missing_folder_is_a_bad_argument_before_the_model_is_read(tmp
     assert not completed.stdout and sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("target", ["model", "image"])
+def test_json_that_is_a_file_the_run_reads_is_refused_before_measuring(sam_path, image_path, tmp_path, target):
+    # copies: before the fix the report replaced them, which must not spoil the shared fixtures
+    model, image = tmp_path / "model.safetensors", tmp_path / "img.png"
+    model.write_bytes(sam_path.read_bytes())
+    image.write_bytes(image_path.read_bytes())
+    before = {path: path.read_bytes() for path in (model, image)}
+    out = model if target == "model" else image
+    result = _bench("-m", model, *CPU, *FAST, "--image", image, "--json", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"slimseg: error: --json {out} is a file that this command reads: write the "
+                                     "output elsewhere")
+    assert "bench:" not in result.stderr and not result.stdout.strip()
+    assert {path: path.read_bytes() for path in (model, image)} == before
+
+
+def test_table_into_a_file_keeps_its_natural_width(sam_path, tmp_path):
+    """Not a terminal: rich would fit the table to 80 columns, cutting "median" and wrapping
+    values; written to a file, each stage must stay one whole row."""
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    with (tmp_path / "out.txt").open("w") as stdout:
+        completed = subprocess.run([sys.executable, "-m", "slimseg", "bench", "-m", str(sam_path), *CPU, *FAST,
+                                    "--no-segevery", "--batch-size", "2"], stdout=stdout, stderr=subprocess.PIPE,
+                                   text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    header = next(line for line in table if line.startswith("┃"))
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == [
+        "stage", "median", "throughput", "floor", "of floor", "peak memory"]
+    rows = [line for line in table if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == [
+        "image encoder", "image encoder, batch of 2", "decoder, 4 points", "box prompt"]
+    assert len({len(line) for line in table}) == 1 and len(table[0]) > 80  # wider than rich's default
+
+
 def test_missing_model_file_is_one_line(tmp_path):
     result = _bench("-m", tmp_path / "nope.safetensors", "--device", "cpu", "--json", tmp_path / "out.json")
     assert result.exit_code == 1 and "nope.safetensors" in result.stderr

@@ -70,7 +70,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_status_130():
 def test_help_shows_no_placeholder_for_flags_or_arguments(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
-    for placeholder in ("<bool>", "<list[str]>"):
+    for placeholder in ("<bool>", "<list[str]>", "<str>"):
         assert placeholder not in result.stdout, f"{command}: {placeholder}"
 
 
@@ -91,3 +91,11 @@ def test_choice_options_show_the_values_they_accept():
         text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"}).stdout.split())
         for option, values in options:
             assert f"{option} {'|'.join(values)} " in text, (command, option)
+
+
+def test_each_command_summary_is_one_line():
+    """typer keeps the line breaks of a docstring's first paragraph in the command list."""
+    lines = runner.invoke(app, ["--help"], env={"COLUMNS": "300"}).stdout.splitlines()
+    start = next(index for index, line in enumerate(lines) if "Commands" in line)
+    rows = [line.strip("│ ").split()[0] for line in lines[start + 1:] if line.startswith("│")]
+    assert rows == list(COMMANDS)

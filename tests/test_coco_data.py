@@ -4,6 +4,7 @@ run no model: oracle scoring, interior points, sharding and the resumable result
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -141,3 +142,61 @@ def test_detections_are_checked_against_the_annotation_file(coco, tmp_path):
         bad.write_text(json.dumps(content))
         with pytest.raises(SlimsegError, match=reason):
             load_detections(bad, coco)
+
+
+def test_restart_refuses_a_folder_that_is_not_a_results_folder(tmp_path):
+    foreign = tmp_path / "foreign.images"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hi")
+    store = ResultStore(foreign, {"prompt": "box"})
+    for restart in (False, True):
+        with pytest.raises(SlimsegError, match="not an eval-coco results folder"):
+            store.check(restart=restart)
+        with pytest.raises(SlimsegError, match="not an eval-coco results folder"):
+            store.prepare(restart=restart)
+    assert (foreign / "notes.txt").read_text() == "hi"
+    (tmp_path / "file.images").write_text("mine")
+    with pytest.raises(SlimsegError, match="exists and is not a folder"):
+        ResultStore(tmp_path / "file.images", {}).prepare(restart=True)
+    assert (tmp_path / "file.images").read_text() == "mine"
+    # an empty folder holds nothing to lose: it is used
+    (tmp_path / "empty.images").mkdir()
+    ResultStore(tmp_path / "empty.images", {"prompt": "box"}).prepare(restart=True)
+
+
+def test_restart_deletes_the_results_and_nothing_else(tmp_path):
+    store = ResultStore(tmp_path / "r.images", {"prompt": "box"})
+    store.prepare(restart=False)
+    store.open(1)
+    store.append({"image_id": 1, "seconds": 0.1})
+    store.close()
+    (tmp_path / "r.images" / "README").write_text("keep")
+    other = ResultStore(tmp_path / "r.images", {"prompt": "point"})
+    other.prepare(restart=True)
+    assert other.records() == {} and (tmp_path / "r.images" / "README").read_text() == "keep"
+    assert sorted(p.name for p in (tmp_path / "r.images").iterdir()) == ["README", "settings.json"]
+
+
+def test_layout_and_id_problems_name_the_cause(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SlimsegError, match=r"afile: is a file, not a folder \(expected COCO layout"):
+        load_coco_split(tmp_path / "afile", "val2017")
+    root = tmp_path / "coco"
+    write_coco_folder(root, 2, seed=3)
+    path = root / "annotations" / "instances_val2017.json"
+    original = json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    data["images"][1]["id"] = data["images"][0]["id"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SlimsegError, match=rf"image id {data['images'][0]['id']} appears more than once in 'images'"):
+        load_coco_split(root, "val2017")
+    data = json.loads(json.dumps(original))
+    data["annotations"][3]["id"] = data["annotations"][1]["id"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SlimsegError, match=rf"annotation id {data['annotations'][1]['id']} appears more than once"):
+        load_coco_split(root, "val2017")
+    path.write_text(json.dumps(original))
+    shutil.rmtree(root / "val2017")
+    (root / "val2017").write_text("")
+    with pytest.raises(SlimsegError, match="val2017: is a file, not an image folder"):
+        load_coco_split(root, "val2017")

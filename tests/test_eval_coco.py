@@ -206,11 +206,16 @@ def _broken_layouts(root: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     text_category = broken("text_category", lambda d: d["annotations"][0].update(category_id="person"))
     unknown_category = broken("unknown_category", lambda d: d["annotations"][0].update(category_id=77))
     bad_category_entry = broken("bad_category_entry", lambda d: d["categories"].append({"name": "no id"}))
+    duplicate_image = broken("duplicate_image", lambda d: d["images"][1].update(id=d["images"][0]["id"]))
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
     bad_dets = tmp_path / "dets.json"
     bad_dets.write_text('[{"image_id": 999, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 1}]')
     base = ["--prompt", "box"]
     return {
         "missing root": (["--coco-root", str(tmp_path / "nowhere"), *base], "no such folder"),
+        "root is a file": (["--coco-root", str(a_file), *base], "afile: is a file, not a folder"),
+        "duplicate image id": (["--coco-root", str(duplicate_image), *base], "image id 100 appears more than once"),
         "missing split": (["--coco-root", str(no_split), *base], "no such image folder"),
         "missing annotations": (["--coco-root", str(no_annotations), *base], "no such annotation file"),
         "corrupt annotations": (["--coco-root", str(corrupt), *base], "not valid JSON"),
@@ -290,7 +295,7 @@ def test_torchrun_shards_images_and_merges(coco_root, model_path, tmp_path):
     completed = subprocess.run(
         ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "slimseg", "eval-coco", "--coco-root",
          str(coco_root), "--model", str(model_path), "--prompt", "box", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, env=environment, timeout=120)
+        capture_output=True, text=True, env=environment, timeout=300)
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout)
     assert report["world_size"] == 2 and report["images"] == IMAGES
@@ -298,7 +303,9 @@ def test_torchrun_shards_images_and_merges(coco_root, model_path, tmp_path):
     assert [[json.loads(l)["image_id"] for l in (folder / f"part-{rank}.jsonl").read_text().splitlines()]
             for rank in (0, 1)] == [[100, 114], [107]]
     single = evaluate(coco_root, model_path, "--prompt", "box", "--out", str(tmp_path / "single.json"))
-    assert report["metrics"]["miou"] == pytest.approx(single["metrics"]["miou"], abs=1e-6)
+    # one thread per rank against two in this process: matrix products may round apart, and a
+    # pixel at the threshold move an IoU (mIoU in per cent) by ~1e-3
+    assert report["metrics"]["miou"] == pytest.approx(single["metrics"]["miou"], abs=1e-2)
 
 
 def test_python_api_refuses_bad_batch_and_prompt_kind(coco_root, model_path):

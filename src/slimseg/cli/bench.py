@@ -14,15 +14,22 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, check_output_path, console, user_errors
+from slimseg.cli.common import model_input_files
 from slimseg.errors import UsageError
+from slimseg.io import refuse_overwriting_inputs
 
 _stdout = Console(soft_wrap=True, highlight=False)
+# wide enough for any table of stages, so that measuring one gives its natural width
+_MEASURE_WIDTH = 10_000
 
 
-def _check_json_target(path: Path) -> None:
+def _check_json_target(path: Path, model: str, image: Optional[Path]) -> None:
     """Fail before minutes of measuring, not after: the folder must exist already (a bad
-    argument, exit status 2, like every other output path that cannot be written)."""
+    argument, exit status 2, like every other output path that cannot be written), and the
+    report must not replace the checkpoint or the image that the run reads."""
+
     check_output_path(path, "--json", folder=False, parent_must_exist=True)
+    refuse_overwriting_inputs(path, [*model_input_files(model), *([image] if image is not None else [])], "--json")
 
 
 @contextlib.contextmanager
@@ -62,6 +69,16 @@ def _table(report: dict) -> Table:
     return table
 
 
+def _print_table(table: Table) -> None:
+    """On a terminal the table fits its width; into a file or a pipe rich would squeeze it
+    into 80 columns (cut headers, wrapped values), so it is printed at its natural width."""
+    if _stdout.is_terminal:
+        _stdout.print(table)
+        return
+    width = Console(width=_MEASURE_WIDTH).measure(table).maximum
+    Console(file=_stdout.file, width=width, soft_wrap=True, highlight=False).print(table)
+
+
 def _print_report(report: dict) -> None:
     from slimseg.benchmark import machine_line
 
@@ -74,7 +91,7 @@ def _print_report(report: dict) -> None:
                   f"({matmul['size']}x{matmul['size']}, {matmul['dtype']}); encoder "
                   f"{model['encoder_macs'] / 1e9:.3g} GMACs, decoder {model['decoder_macs'] / 1e9:.3g} GMACs "
                   f"per batch of {model['decoder_prompts']}", markup=False)
-    _stdout.print(_table(report))
+    _print_table(_table(report))
     _stdout.print(f"medians of {report['settings']['runs']} run(s) after {report['stages']['encoder']['warmup']} "
                   f"warm-up; peak memory: {', '.join(kinds)}", markup=False)
 
@@ -96,10 +113,9 @@ def bench(
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Also write the results as JSON to PATH (its folder must exist).", show_default=False)] = None,
     offline: OfflineOption = False,
 ) -> None:
-    """Time one model: image encoder, decoder throughput, one box prompt and SegEvery, with peak
-    memory and the floor (the model's MACs at the device's dense matmul rate).
+    """Time one model: encoder, decoder, a box prompt and SegEvery, with peak memory and floor.
 
-    A table goes to stdout, progress to stderr; --json writes the same figures.
+    The floor is the model's MACs at the device's dense matmul rate. A table goes to stdout, progress to stderr; --json writes the same figures.
     """
     from slimseg.benchmark import BenchSettings, run_bench
     from slimseg.benchmark.suite import DEFAULT_IMAGE_SIZE
@@ -115,7 +131,7 @@ def bench(
                                  batch_size=batch_size)
         settings.check()
         if json_path is not None:
-            _check_json_target(json_path)
+            _check_json_target(json_path, model, image)
         target = resolve_device(device)
         rgb = read_image(image) if image is not None else None
         if random_weights and not is_model_name(model):

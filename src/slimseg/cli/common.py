@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from slimseg.errors import SlimsegError, UsageError
+from slimseg.inference.everything.options import number_problem
 
 # Results go to stdout; messages and progress bars go to stderr, so pipes stay clean.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -151,3 +152,36 @@ OfflineOption = Annotated[
                  help="Never download: a registered model that is not cached is an error naming the file to fetch "
                  "and where to put it. Also set by SLIMSEG_OFFLINE=1."),
 ]
+
+
+def check_generator_numbers(values: dict[str, float]) -> None:
+    """The generator's ranges (see MaskGenerator), checked before the model loads; ``values``
+    maps its argument names to their values, each reported under its option (--pred-iou-thresh
+    for pred_iou_thresh). NaN is refused too."""
+    for name, value in values.items():
+        problem = number_problem(name, value)
+        if problem is not None:
+            raise UsageError(f"--{name.replace('_', '-')} {problem}, got {value}")
+
+
+def model_input_files(model: str) -> list[Path]:
+    """The files that loading ``--model`` reads, so that no output replaces them: a local
+    checkpoint (a path wins over a registered name, as in ``load_model``) or a registered
+    model's cached download."""
+    from slimseg.zoo.checkpoint import checkpoint_files
+    from slimseg.zoo.registry import cache_path, get_spec, is_model_name
+
+    path = Path(model).expanduser()
+    if model.strip() and path.exists():
+        if path.is_dir():
+            # every file in the folder: a superset of the weights, shards and config.json
+            # that reading it opens (shards must sit beside their index)
+            return [entry for entry in path.iterdir() if entry.is_file()]
+        try:
+            return checkpoint_files(path)  # the file, and a config.json beside it
+        except SlimsegError:  # unreadable: loading it will say why
+            return [path]
+    if is_model_name(model):
+        cached = cache_path(get_spec(model))
+        return [cached] if cached is not None else []
+    return []

@@ -22,9 +22,19 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from slimseg.cli.common import DeviceOption, ModelOption, OfflineOption, check_output_path, console, user_errors
+from slimseg.cli.common import (
+    DeviceOption,
+    ModelOption,
+    OfflineOption,
+    check_generator_numbers,
+    check_output_path,
+    console,
+    model_input_files,
+    user_errors,
+)
 from slimseg.errors import UsageError
-from slimseg.io import atomic_write_text
+from slimseg.inference.everything.options import MAX_POINTS_PER_SIDE
+from slimseg.io import atomic_write_text, refuse_overwriting_inputs
 
 
 class Prompt(str, Enum):
@@ -32,6 +42,19 @@ class Prompt(str, Enum):
     point = "point"
     everything = "everything"
     detections = "detections"
+
+
+def _refuse_overwriting_inputs(out: Path, inputs: list[Path]) -> None:
+    """``--out`` and its results folder ``<stem>.images`` must not be, or hold, a file that
+    the command reads: the report's atomic write, or --restart, would destroy it."""
+    refuse_overwriting_inputs(out, inputs, "--out")
+    folder = out.with_suffix(".images")
+    if not folder.exists():
+        return
+    for path in inputs:
+        if path.exists() and (folder.resolve() == path.resolve() or folder.resolve() in path.resolve().parents):
+            raise UsageError(f"--out {out}: its results folder {folder} is or holds {path}, a file that this "
+                             "command reads: write the output elsewhere")
 
 
 def _file_identity(path: Path) -> dict | None:
@@ -129,15 +152,15 @@ def _table(report: dict) -> Table:
 
 def eval_coco(
     coco_root: Annotated[Path, typer.Option("--coco-root", metavar="DIR", help="COCO folder: DIR/<split>/*.jpg and DIR/annotations/instances_<split>.json.", show_default=False)] = ...,
-    split: Annotated[str, typer.Option("--split", help="Split name: image folder and annotation file suffix.")] = "val2017",
+    split: Annotated[str, typer.Option("--split", metavar="SPLIT", help="Split name: image folder and annotation file suffix.")] = "val2017",
     model: ModelOption = "sam-b",
     prompt: Annotated[Prompt, typer.Option("--prompt", help="box / point: one ground-truth box / interior point per instance, mIoU by area; everything: SegEvery masks, class-agnostic AR@10/100/1000; detections: boxes from --detections, mask AP.", show_default=False)] = ...,
     detections: Annotated[Optional[Path], typer.Option("--detections", metavar="FILE", help="COCO detection results JSON (e.g. ViTDet's), for --prompt detections.", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", metavar="N", help="Evaluate only the first N images of the annotation file.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Report JSON (written atomically); per-image results are kept in FILE's stem + .images/ so that a rerun resumes.", show_default=False)] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the per-image results of an earlier run instead of resuming it.")] = False,
-    sampler: Annotated[str, typer.Option("--sampler", help="everything: grid (SAM's point grid) or autoppn (lite-sam's proposals).")] = "grid",
-    points_per_side: Annotated[int, typer.Option("--points-per-side", min=1, help="everything, grid sampler: points per image side.")] = 32,
+    sampler: Annotated[str, typer.Option("--sampler", metavar="grid|autoppn", help="everything: grid (SAM's point grid) or autoppn (lite-sam's proposals).")] = "grid",
+    points_per_side: Annotated[int, typer.Option("--points-per-side", min=1, max=MAX_POINTS_PER_SIDE, help=f"everything, grid sampler: points per image side, at most {MAX_POINTS_PER_SIDE}.")] = 32,
     points_per_batch: Annotated[int, typer.Option("--points-per-batch", min=1, help="Prompts (points or boxes) decoded together; memory only.")] = 64,
     pred_iou_thresh: Annotated[float, typer.Option("--pred-iou-thresh", help="everything: keep masks whose predicted IoU is above this.")] = 0.88,
     stability_score_thresh: Annotated[float, typer.Option("--stability-score-thresh", help="everything: keep masks whose stability score is at least this.")] = 0.95,
@@ -162,8 +185,14 @@ def eval_coco(
             raise UsageError(f"--limit {limit}: must be a positive number of images")
         if sampler not in SAMPLERS:
             raise UsageError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        # the generator's own checks would come only after the model has loaded (or downloaded)
+        check_generator_numbers({"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh,
+                        "box_nms_thresh": box_nms_thresh})
         if out is not None:
             check_output_path(out, folder=False)
+            annotation_file = coco_root / "annotations" / f"instances_{split}.json"
+            _refuse_overwriting_inputs(out, [annotation_file, *([detections] if detections else []),
+                                             *model_input_files(model)])
         rank, world = init_distributed_from_env()
         with _results_folder(out, world) as folder:
             report = _evaluate(coco_root, split, model, prompt, detections, limit, out, restart, folder, rank, world,
@@ -193,6 +222,8 @@ def _evaluate(coco_root: Path, split_name: str, model: str, prompt: Prompt, dete
     from slimseg.zoo import load_model
 
     split = load_coco_split(coco_root, split_name)
+    if out is not None:  # the images are inputs too; their names are known only now
+        refuse_overwriting_inputs(out, [split.image_path(image) for image in split.images], "--out")
     images = split.select(limit)
     boxes = load_detections(detections, split) if detections is not None else {}
     settings = _settings(split, prompt, model, detections, everything)

@@ -23,13 +23,14 @@ from slimseg.cli.common import (
     NullOption,
     OfflineOption,
     RecursiveOption,
+    check_generator_numbers,
     check_output_path,
     user_errors,
 )
 from slimseg.cli.inputs import ImageInput, expand_inputs
 from slimseg.errors import UsageError
 from slimseg.inference.compilation import compile_model, first_compiled_call
-from slimseg.inference.everything.options import MAX_CROP_N_LAYERS, MAX_POINTS_PER_SIDE, number_problem
+from slimseg.inference.everything.options import MAX_CROP_N_LAYERS, MAX_POINTS_PER_SIDE
 from slimseg.inference.masks import decode_rle
 from slimseg.inference.predictor import ImageEmbedding
 from slimseg.io import (
@@ -107,16 +108,6 @@ class CocoCollector:
                    "images": self.images, "annotations": self.annotations,
                    "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
         atomic_write_text(path, json_dumps_strict(payload) + "\n")
-
-
-def _check_numbers(values: dict[str, float]) -> None:
-    """The generator's ranges (see MaskGenerator), checked before the model loads; ``values``
-    maps its argument names to their values, each reported under its option (--pred-iou-thresh
-    for pred_iou_thresh). NaN is refused too."""
-    for name, value in values.items():
-        problem = number_problem(name, value)
-        if problem is not None:
-            raise UsageError(f"--{name.replace('_', '-')} {problem}, got {value}")
 
 
 def _check_sampling(sampler: Sampler, points_per_side: int | None, layers: int, factor: int,
@@ -222,7 +213,7 @@ def segevery(
     with user_errors():
         # every check that needs no model first: a mistyped option must not cost a model load
         _check_out(out, fmt, overlay)
-        _check_numbers({"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh,
+        check_generator_numbers({"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh,
                         "stability_score_offset": stability_score_offset, "box_nms_thresh": box_nms_thresh,
                         "crop_nms_thresh": crop_nms_thresh, "crop_overlap_ratio": crop_overlap_ratio})
         _check_sampling(sampler, points_per_side, crop_n_layers, crop_n_points_downscale_factor,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,15 @@ class CocoSplit:
                 "categories": [dict(c) for c in self.categories]}
 
 
+def _not_a_folder(path: Path, kind: str) -> str:
+    """Why ``path`` cannot be read as a ``kind`` ("folder", "image folder"): a file given
+    there is a different mistake from a missing folder."""
+    if not path.exists():
+        return f"no such {kind}"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"is a file, not {article} {kind}" if path.is_file() else f"exists but is not {article} {kind}"
+
+
 def _layout_hint(root: Path, split: str) -> str:
     return f"expected COCO layout {root}/{split}/*.jpg and {root}/annotations/instances_{split}.json"
 
@@ -109,10 +118,10 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
     if not split or "/" in split or "\\" in split or split in (".", ".."):
         raise UsageError(f"--split {split!r}: give a split name such as val2017")
     if not root.is_dir():
-        raise SlimsegError(f"{root}: no such folder ({_layout_hint(root, split)})")
+        raise SlimsegError(f"{root}: {_not_a_folder(root, 'folder')} ({_layout_hint(root, split)})")
     image_dir = root / split
     if not image_dir.is_dir():
-        raise SlimsegError(f"{image_dir}: no such image folder ({_layout_hint(root, split)})")
+        raise SlimsegError(f"{image_dir}: {_not_a_folder(image_dir, 'image folder')} ({_layout_hint(root, split)})")
     annotation_file = root / "annotations" / f"instances_{split}.json"
     if not annotation_file.is_file():
         raise SlimsegError(f"{annotation_file}: no such annotation file ({_layout_hint(root, split)})")
@@ -126,10 +135,23 @@ def load_coco_split(root: str | Path, split: str) -> CocoSplit:
         raise SlimsegError(f"{annotation_file}: lists no images (the 'images' list is empty)")
     images = [_checked_image(annotation_file, image) for image in data["images"]]
     category_ids = _category_ids(annotation_file, data["categories"])
-    known = {image["id"]: image for image in images}
+    known: dict[int, dict] = {}
+    for image in images:
+        # a repeated id would pair annotations with the wrong image's size, and pycocotools
+        # keeps only one of them: say so rather than fail later on a size mismatch
+        if image["id"] in known:
+            raise SlimsegError(f"{annotation_file}: image id {image['id']} appears more than once in 'images'")
+        known[image["id"]] = image
     annotations: dict[int, list[dict]] = {image_id: [] for image_id in known}
+    annotation_ids: set = set()
     for raw in data["annotations"]:
         annotation = _checked(annotation_file, "annotation", raw, _ANNOTATION_KEYS)
+        # pycocotools indexes annotations by id: a repeated one silently drops an instance
+        key = annotation["id"] if isinstance(annotation["id"], Hashable) else repr(annotation["id"])
+        if key in annotation_ids:
+            raise SlimsegError(f"{annotation_file}: annotation id {annotation['id']!r} appears more than once in "
+                               "'annotations'")
+        annotation_ids.add(key)
         image = known.get(_whole_id(annotation["image_id"]))
         if image is None:
             raise SlimsegError(f"{annotation_file}: annotation {annotation['id']} refers to image "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import IO
 
@@ -35,24 +34,31 @@ class ResultStore:
         self._handle: IO[str] | None = None
 
     def check(self, restart: bool) -> None:
-        """Refuse results of a different run, unless ``restart`` will discard them.
+        """Refuse a folder that is not an eval-coco results folder (no settings.json), and the
+        results of a different run unless ``restart`` will discard them.
 
         Read-only, so every rank can call it and fail the same way before any collective.
         """
-        if restart or not self.folder.exists():
+        if not self.folder.exists():
             return
         if not self.folder.is_dir():
             raise SlimsegError(f"{self.folder}: exists and is not a folder; remove it or choose another --out")
         path = self.folder / _SETTINGS
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        # ownership is checked with and without --restart: restart discards our results,
+        # never a folder of the user's that happens to have the name
+        if not path.is_file():
             if any(self.folder.iterdir()):
                 raise SlimsegError(f"{self.folder}: not an eval-coco results folder (no {_SETTINGS}); remove it "
-                                   "or choose another --out") from None
+                                   "or choose another --out")
             return
+        if restart:
+            return
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise SlimsegError(f"{path}: unreadable ({error}); rerun with --restart to discard it") from None
+        if not isinstance(stored, dict):
+            raise SlimsegError(f"{path}: unreadable (not a JSON object); rerun with --restart to discard it")
         if stored != self.settings:
             changed = sorted(k for k in {*stored, *self.settings} if stored.get(k) != self.settings.get(k))
             first = changed[0]
@@ -65,8 +71,12 @@ class ResultStore:
         deletes earlier results first; otherwise a folder of a different run is refused as
         ``check`` refuses it, so that its records are never scored as this run's."""
         self.check(restart)
-        if restart and self.folder.exists():
-            shutil.rmtree(self.folder) if self.folder.is_dir() else self.folder.unlink()
+        if restart and self.folder.is_dir():
+            # only the files this class writes: anything else the user put there stays
+            for part in self.folder.glob("part-*.jsonl"):
+                if part.is_file() or part.is_symlink():
+                    part.unlink()
+            (self.folder / _SETTINGS).unlink(missing_ok=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / _SETTINGS, json.dumps(self.settings, indent=1) + "\n")
 
