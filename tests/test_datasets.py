@@ -104,6 +104,18 @@ def test_collate_drops_none_and_stacks(tmp_path: Path) -> None:
     assert next(iter(loader))["image"].shape == (2, 3, 32, 32)
 
 
+def test_collate_names_the_files_of_mixed_datasets(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "plain", 1, size=(20, 24))
+    write_sa1b_folder(tmp_path / "sa1b", 1, size=(20, 24))
+    plain = ImageFolderDataset(tmp_path / "plain", img_size=32)[0]
+    annotated = SA1BDataset(tmp_path / "sa1b", img_size=32)[0]
+    with pytest.raises(SlimsegError) as caught:
+        collate_images([plain, annotated])
+    message = str(caught.value)
+    assert plain["path"] in message and annotated["path"] in message and "mixed kinds of dataset" in message
+    assert "annotations" in message or "masks" in message or "points" in message, message
+
+
 def test_synthetic_folder_is_deterministic(tmp_path: Path) -> None:
     first = write_sa1b_folder(tmp_path / "a", 2, seed=5)
     second = write_sa1b_folder(tmp_path / "b", 2, seed=5)

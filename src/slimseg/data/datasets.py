@@ -276,7 +276,10 @@ def collate_images(items: list[dict | None]) -> dict | None:
     keys = list(kept[0])
     for item in kept[1:]:
         if list(item) != keys:
-            raise SlimsegError(f"cannot batch items with different keys: {keys} and {list(item)}")
+            # datasets of different kinds mixed (ConcatDataset of an image folder and SA-1B, say)
+            differing = sorted(set(keys) ^ set(item)) or keys
+            raise SlimsegError(f"cannot batch {kept[0].get('path', 'an item')} with {item.get('path', 'an item')}: "
+                               f"only one of them has {', '.join(differing)} (mixed kinds of dataset?)")
     batch: dict[str, Any] = {key: [item[key] for item in kept] for key in keys}
     for key in ("image", "teacher_image"):
         if key in batch:
