@@ -29,6 +29,7 @@ def test_importing_slimseg_leaves_torch_until_a_public_name_is_used():
         assert {"Predictor", "build_model", "SlimsegError"} <= set(dir(slimseg))
         from slimseg import MaskGenerator, Predictor, Sam, SamConfig, build_model, load_model
         assert "torch" in sys.modules and slimseg.Predictor is Predictor
+        assert slimseg.zoo.load_model is load_model  # subpackages are reached through the package
         try:
             slimseg.no_such_name
         except AttributeError as error:
@@ -64,6 +65,26 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_status_130():
     """)
     assert completed.returncode == 130
     assert completed.stderr == "slimseg: error: interrupted\n"
+
+
+def test_ctrl_c_while_a_command_imports_its_modules_is_status_130(tmp_path):
+    # prune imports the distillation code before its error handling begins
+    completed = _run_python(f"""
+        import sys
+
+        class InterruptDistill:
+            def find_spec(self, name, path=None, target=None):
+                if name == "slimseg.compress.distill":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, InterruptDistill())
+        sys.argv = ["slimseg", "prune", "--model", "sam-b", "--ratio", "0.5", "--data", "{tmp_path}",
+                    "--out", "{tmp_path / 'p.safetensors'}"]
+        from slimseg.cli import main
+        main()
+    """)
+    assert completed.returncode == 130, completed.stderr
+    assert completed.stderr.strip() == "slimseg: error: interrupted"
 
 
 @pytest.mark.parametrize("command", COMMANDS)

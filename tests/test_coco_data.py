@@ -164,6 +164,16 @@ def test_restart_refuses_a_folder_that_is_not_a_results_folder(tmp_path):
     ResultStore(tmp_path / "empty.images", {"prompt": "box"}).prepare(restart=True)
 
 
+def test_a_folder_left_by_a_run_killed_while_writing_its_settings_is_taken_over(tmp_path):
+    folder = tmp_path / "r.images"
+    folder.mkdir()
+    (folder / ".settings.json.k1ll3d.tmp").write_text('{"prom')
+    store = ResultStore(folder, {"prompt": "box"})
+    store.check(restart=False)
+    store.prepare(restart=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["settings.json"]
+
+
 def test_restart_deletes_the_results_and_nothing_else(tmp_path):
     store = ResultStore(tmp_path / "r.images", {"prompt": "box"})
     store.prepare(restart=False)

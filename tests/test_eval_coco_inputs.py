@@ -91,6 +91,16 @@ def test_out_that_is_a_file_the_command_reads_is_refused_before_any_work(inputs,
     assert _contents(tmp_path) == before  # nothing replaced, no results folder left
 
 
+def test_a_report_beside_the_weights_of_a_model_folder_may_be_replaced(inputs):
+    """Only the files loading reads are protected: a rerun may replace its own report."""
+    out = inputs["folder"] / "box.json"
+    for _ in range(2):
+        result = eval_coco("--coco-root", inputs["coco"], "--model", inputs["folder"], "--prompt", "box",
+                           "--limit", "1", "--out", out, "--restart")
+        assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["images"] == 1
+
+
 def test_restart_discards_only_eval_coco_results(inputs, tmp_path):
     coco, model = inputs["coco"], inputs["model"]
     foreign = tmp_path / "foreign.images"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from slimseg.errors import SlimsegError
@@ -42,12 +43,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'slimseg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # type checkers see the imports above; a typo must stay an error for them
+
+    def __getattr__(name: str) -> object:
+        """A public name, or a subpackage (``slimseg.zoo``), imported on first use."""
+        if name in _LAZY:
+            value = getattr(importlib.import_module(_LAZY[name]), name)
+        elif importlib.util.find_spec(f"slimseg.{name}") is not None:
+            value = importlib.import_module(f"slimseg.{name}")
+        else:
+            raise AttributeError(f"module 'slimseg' has no attribute {name!r}")
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

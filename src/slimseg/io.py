@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -106,20 +106,20 @@ def _naming_target(error: OSError, prefix: str, target: Path) -> OSError:
     return error
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
-    """True when ``a`` exists and names the file ``b`` however spelled (symlinks, .., hard links)."""
-    a, b = Path(a), Path(b)
-    try:
-        return a.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def refuse_overwriting_inputs(out: str | Path, inputs: Sequence[str | Path], option: str) -> None:
+def refuse_overwriting_inputs(out: str | Path, inputs: Iterable[str | Path], option: str) -> None:
     """UsageError when the output ``out`` (given as ``option``) is one of the files that the
-    command reads: the atomic write would replace them, losing the user's data."""
+    command reads, however spelled (symlinks, .., hard links): the atomic write would replace
+    it, losing the user's data. One stat per input (eval-coco passes every image of a split)."""
+    try:
+        target = os.stat(out)
+    except OSError:
+        return  # nothing there yet, so nothing to replace
     for path in inputs:
-        if same_file(out, path):
+        try:
+            found = os.stat(path)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
             alias = "" if str(out) == str(path) else f" (that is {path})"
             raise UsageError(f"{option} {out}{alias} is a file that this command reads: write the output elsewhere")
 

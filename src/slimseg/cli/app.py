@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import torch
@@ -13,7 +15,7 @@ from typer.exceptions import TyperException
 from slimseg import __version__
 from slimseg.allocator import tune_cpu_allocator
 from slimseg.cli.bench import bench
-from slimseg.cli.common import State, error_line
+from slimseg.cli.common import State, error_line, user_errors
 from slimseg.cli.compress import distill, prune
 from slimseg.cli.export import export
 from slimseg.cli.eval_coco import eval_coco
@@ -25,7 +27,8 @@ from slimseg.cli.train import train
 def _hide_needless_placeholders() -> None:
     """Recent typer (0.2x) writes a type such as ``<bool>`` or ``<list[str]>`` beside every
     parameter in the help: flags take no value (``--json true`` is an error), and arguments
-    are named by their metavar already."""
+    are named by their metavar already. The classes are typer's, so another Typer app in the
+    same process loses these placeholders too; typer offers no per-app setting."""
     for cls, hidden in ((TyperOption, lambda param: param.is_flag), (TyperArgument, lambda param: True)):
         display = getattr(cls, "display_type_rich", None)
         if display is None or getattr(display, "hides_placeholders", False):
@@ -39,6 +42,19 @@ def _hide_needless_placeholders() -> None:
 
 
 _hide_needless_placeholders()
+
+
+def _guarded(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` inside ``user_errors`` as a whole: a command imports its heavy modules before
+    its own ``with user_errors()``, and a Ctrl-C there would otherwise end the run silently
+    (typer >= 0.2x) or as an "Aborted!" (older)."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        with user_errors():
+            command(*args, **kwargs)
+
+    return run
 
 app = typer.Typer(
     name="slimseg",
@@ -72,17 +88,17 @@ def _global_options(
     tune_cpu_allocator()
 
 
-app.command(no_args_is_help=True)(segment)
-app.command(no_args_is_help=True)(segevery)
-app.command(no_args_is_help=True)(prune)
-app.command(no_args_is_help=True)(distill)
-app.command(no_args_is_help=True)(train)
-app.command()(models)
-app.command(no_args_is_help=True)(info)
-app.command(no_args_is_help=True)(convert)
-app.command(no_args_is_help=True)(export)
-app.command("eval-coco", no_args_is_help=True)(eval_coco)
-app.command(no_args_is_help=True)(bench)
+app.command(no_args_is_help=True)(_guarded(segment))
+app.command(no_args_is_help=True)(_guarded(segevery))
+app.command(no_args_is_help=True)(_guarded(prune))
+app.command(no_args_is_help=True)(_guarded(distill))
+app.command(no_args_is_help=True)(_guarded(train))
+app.command()(_guarded(models))
+app.command(no_args_is_help=True)(_guarded(info))
+app.command(no_args_is_help=True)(_guarded(convert))
+app.command(no_args_is_help=True)(_guarded(export))
+app.command("eval-coco", no_args_is_help=True)(_guarded(eval_coco))
+app.command(no_args_is_help=True)(_guarded(bench))
 
 
 def main() -> None:

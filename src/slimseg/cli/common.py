@@ -173,12 +173,10 @@ def model_input_files(model: str) -> list[Path]:
 
     path = Path(model).expanduser()
     if model.strip() and path.exists():
-        if path.is_dir():
-            # every file in the folder: a superset of the weights, shards and config.json
-            # that reading it opens (shards must sit beside their index)
-            return [entry for entry in path.iterdir() if entry.is_file()]
         try:
-            return checkpoint_files(path)  # the file, and a config.json beside it
+            # the weights (or shard index and shards) and config.json, for a file or a folder;
+            # other files in a folder, such as an earlier report, may be replaced
+            return checkpoint_files(path)
         except SlimsegError:  # unreadable: loading it will say why
             return [path]
     if is_model_name(model):

@@ -72,7 +72,7 @@ def check_input_folders(**folders: Path | None) -> None:
             raise SlimsegError(f"--{name} {folder}: is a file, not a folder")
 
 
-def check_resume_epochs(out: Path, epochs: int) -> None:
+def check_resume_before_loading(out: Path, epochs: int) -> None:
     """With --resume, a last.ckpt that cannot be read, or a run that has done more than
     ``--epochs`` epochs, is refused before any model is read. The tensors are memory-mapped,
     not read; the library checks the rest once the models are there."""
@@ -214,7 +214,7 @@ def distill(
         check_run_folder(out, resume)
         check_input_folders(data=data, val=val)
         if resume:
-            check_resume_epochs(out, epochs)
+            check_resume_before_loading(out, epochs)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
         student_model = starting_model(student, target, offline, resume)

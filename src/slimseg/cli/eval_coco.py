@@ -44,7 +44,7 @@ class Prompt(str, Enum):
     detections = "detections"
 
 
-def _refuse_overwriting_inputs(out: Path, inputs: list[Path]) -> None:
+def _refuse_out_over_inputs(out: Path, inputs: list[Path]) -> None:
     """``--out`` and its results folder ``<stem>.images`` must not be, or hold, a file that
     the command reads: the report's atomic write, or --restart, would destroy it."""
     refuse_overwriting_inputs(out, inputs, "--out")
@@ -191,7 +191,7 @@ def eval_coco(
         if out is not None:
             check_output_path(out, folder=False)
             annotation_file = coco_root / "annotations" / f"instances_{split}.json"
-            _refuse_overwriting_inputs(out, [annotation_file, *([detections] if detections else []),
+            _refuse_out_over_inputs(out, [annotation_file, *([detections] if detections else []),
                                              *model_input_files(model)])
         rank, world = init_distributed_from_env()
         with _results_folder(out, world) as folder:

@@ -19,7 +19,7 @@ from slimseg.cli.compress import (
     LrOption,
     WorkersOption,
     check_input_folders,
-    check_resume_epochs,
+    check_resume_before_loading,
     check_run_folder,
     device_for_rank,
     starting_model,
@@ -73,7 +73,7 @@ def train(
         check_run_folder(out, resume)
         check_input_folders(data=data, val=val)
         if resume:
-            check_resume_epochs(out, epochs)
+            check_resume_before_loading(out, epochs)
         target = resolve_device(device_for_rank(device))
         init_distributed_from_env()
         start = starting_model(model, target, offline, resume)

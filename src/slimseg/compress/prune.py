@@ -120,6 +120,12 @@ def prune_image_encoder(
     return PruneReport(stage, mode, float(ratio), config, params_before, params_after, reset)
 
 
+def default_round_to(encoder: ImageEncoderViT) -> int:
+    """Channels kept in multiples of every block's head count, so the embedding width still
+    splits into whole heads."""
+    return math.lcm(*(block.attn.num_heads for block in encoder.blocks))
+
+
 def check_pruning(model: Sam, ratio: Any, stage: str, mode: str, round_to: int | None = None) -> tuple[float, int]:
     """Everything ``prune_image_encoder`` would refuse that can be known without pruning:
     the arguments, the encoder type, and a ratio the widths cannot reach (which depends only
@@ -135,7 +141,7 @@ def check_pruning(model: Sam, ratio: Any, stage: str, mode: str, round_to: int |
     encoder = getattr(model, "image_encoder", None)
     if not isinstance(encoder, ImageEncoderViT):
         raise SlimsegError(f"can only prune slimseg's ImageEncoderViT, got {type(encoder).__name__}")
-    round_to = round_to or math.lcm(*(block.attn.num_heads for block in encoder.blocks))
+    round_to = round_to or default_round_to(encoder)
     if ratio == 0:
         return ratio, round_to
     # tp would silently skip a group the ratio empties; global blocks share a budget

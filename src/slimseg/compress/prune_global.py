@@ -10,19 +10,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimseg.compress.ratio_limits import RatioOutOfReach, global_highest, global_target
+from slimseg.compress.ratio_limits import global_scope_target
 
 __all__ = ["global_bottleneck_groups"]
-
-
-def _global_target(widths: list[int], unit: int, ratio: float, what: str) -> int:
-    """Chunks of ``unit`` channels a scope keeps (``check_ratio_reachable`` has refused a
-    ratio that leaves a block nothing; this guards direct callers)."""
-    target = global_target(widths, unit, ratio)
-    if target < len(widths):
-        raise RatioOutOfReach(f"global pruning cannot reach ratio {ratio}: every block keeps at least {unit} {what}",
-                              global_highest(widths, unit))
-    return target
 
 
 def global_bottleneck_groups(pruner: tp.pruner.BasePruner, blocks: list[nn.Module], ratio: float,
@@ -66,7 +56,7 @@ def _least_important(scores: list[torch.Tensor], unit: int, ratio: float, what: 
     form prefixes.
     """
     widths = [len(s) for s in scores]
-    target = _global_target(widths, unit, ratio, what)
+    target = global_scope_target(widths, unit, ratio, what)
     scores = [s.detach().float().cpu() for s in scores]
     orders = [torch.argsort(s, stable=True) for s in scores]
     forced = [w % unit for w in widths]

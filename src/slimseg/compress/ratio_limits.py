@@ -12,7 +12,7 @@ import math
 from slimseg.errors import UsageError
 from slimseg.modeling.sam.image_encoder import ImageEncoderViT
 
-__all__ = ["RatioOutOfReach", "check_ratio_reachable", "global_highest", "highest_ratio"]
+__all__ = ["RatioOutOfReach", "check_ratio_reachable", "global_highest", "global_scope_target", "highest_ratio"]
 
 
 class RatioOutOfReach(UsageError):
@@ -51,6 +51,16 @@ def global_target(widths: list[int], unit: int, ratio: float) -> int:
     return math.floor(sum(widths) * (1 - ratio) + 1e-9) // unit
 
 
+def global_scope_target(widths: list[int], unit: int, ratio: float, what: str) -> int:
+    """``global_target``, or ``RatioOutOfReach`` when it leaves a block fewer than ``unit``
+    channels of ``what`` (the shared budget cannot pay every block's floor)."""
+    target = global_target(widths, unit, ratio)
+    if target < len(widths):
+        raise RatioOutOfReach(f"global pruning cannot reach ratio {ratio}: every block keeps at least {unit} {what}",
+                              global_highest(widths, unit))
+    return target
+
+
 def global_highest(widths: list[int], unit: int) -> float:
     """The highest ratio at which every block of a global scope keeps ``unit`` channels."""
     return max(math.floor((1 - len(widths) * unit / sum(widths)) * 1e4) / 1e4, 0.0)
@@ -74,9 +84,10 @@ def check_ratio_reachable(encoder: ImageEncoderViT, ratio: float, stage: str, mo
     global bottleneck: a block's floor that the shared budget cannot pay)."""
     if stage == "bottleneck" and mode == "global":
         for widths, unit, what in _global_scopes(encoder, round_to):
-            if global_target(widths, unit, ratio) < len(widths):
-                raise RatioOutOfReach(f"global pruning cannot reach ratio {ratio}: every block keeps at least "
-                                      f"{unit} {what}", highest_ratio(encoder, stage, mode, round_to))
+            try:
+                global_scope_target(widths, unit, ratio, what)
+            except RatioOutOfReach as error:  # the ceiling over both scopes, not this one's
+                raise RatioOutOfReach(error.reason, highest_ratio(encoder, stage, mode, round_to)) from None
         return
     for name, width, unit in _local_widths(encoder, stage, round_to):
         if int(width * (1 - ratio)) < unit:

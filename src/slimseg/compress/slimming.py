@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from slimseg.compress.importance import (
     accumulate_disturbed_gradients,
     make_importance,
 )
-from slimseg.compress.prune import PruneReport, check_pruning, prune_image_encoder
+from slimseg.compress.prune import PruneReport, check_pruning, default_round_to, prune_image_encoder
 from slimseg.compress.ratio_limits import RatioOutOfReach, highest_ratio
 from slimseg.data.datasets import collate_images
 from slimseg.errors import SlimsegError, UsageError
@@ -83,9 +82,8 @@ class SlimmingPlan:
                 check_pruning(teacher, self.ratio, stage, self.mode)
             except RatioOutOfReach as error:
                 # the ceiling of the whole plan, not of the stage that failed first
-                highest = min(highest_ratio(teacher.image_encoder, other, self.mode,
-                                            math.lcm(*(b.attn.num_heads for b in teacher.image_encoder.blocks)))
-                              for other in stages)
+                round_to = default_round_to(teacher.image_encoder)
+                highest = min(highest_ratio(teacher.image_encoder, other, self.mode, round_to) for other in stages)
                 raise RatioOutOfReach(error.reason, highest) from None
         return stages
 

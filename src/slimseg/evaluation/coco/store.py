@@ -47,7 +47,7 @@ class ResultStore:
         # ownership is checked with and without --restart: restart discards our results,
         # never a folder of the user's that happens to have the name
         if not path.is_file():
-            if any(self.folder.iterdir()):
+            if any(not _settings_leftover(entry) for entry in self.folder.iterdir()):
                 raise SlimsegError(f"{self.folder}: not an eval-coco results folder (no {_SETTINGS}); remove it "
                                    "or choose another --out")
             return
@@ -78,6 +78,9 @@ class ResultStore:
                     part.unlink()
             (self.folder / _SETTINGS).unlink(missing_ok=True)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for entry in self.folder.iterdir():
+            if _settings_leftover(entry):
+                entry.unlink()
         atomic_write_text(self.folder / _SETTINGS, json.dumps(self.settings, indent=1) + "\n")
 
     def records(self) -> dict[int, dict]:
@@ -115,3 +118,8 @@ class ResultStore:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _settings_leftover(entry: Path) -> bool:
+    """The temporary file of a settings.json write that a killed run (SIGKILL, power loss) left."""
+    return entry.name.startswith(f".{_SETTINGS}.") and entry.name.endswith(".tmp") and entry.is_file()
