@@ -13,8 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from slimseg.cli.common import DeviceOption, DtypeOption, ModelOption, OfflineOption, check_output_path, console, user_errors
-from slimseg.cli.common import model_input_files
+from slimseg.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OfflineOption,
+    check_output_path,
+    console,
+    model_input_files,
+    user_errors,
+)
 from slimseg.errors import UsageError
 from slimseg.io import refuse_overwriting_inputs
 
@@ -27,7 +35,6 @@ def _check_json_target(path: Path, model: str, image: Optional[Path]) -> None:
     """Fail before minutes of measuring, not after: the folder must exist already (a bad
     argument, exit status 2, like every other output path that cannot be written), and the
     report must not replace the checkpoint or the image that the run reads."""
-
     check_output_path(path, "--json", folder=False, parent_must_exist=True)
     refuse_overwriting_inputs(path, [*model_input_files(model), *([image] if image is not None else [])], "--json")
 
@@ -115,7 +122,8 @@ def bench(
 ) -> None:
     """Time one model: encoder, decoder, a box prompt and SegEvery, with peak memory and floor.
 
-    The floor is the model's MACs at the device's dense matmul rate. A table goes to stdout, progress to stderr; --json writes the same figures.
+    The floor is the model's MACs at the device's dense matmul rate. A table goes to stdout,
+    progress to stderr; --json writes the same figures.
     """
     from slimseg.benchmark import BenchSettings, run_bench
     from slimseg.benchmark.suite import DEFAULT_IMAGE_SIZE
