@@ -186,8 +186,8 @@ def eval_coco(
         if sampler not in SAMPLERS:
             raise UsageError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         # the generator's own checks would come only after the model has loaded (or downloaded)
-        check_generator_numbers({"pred_iou_thresh": pred_iou_thresh, "stability_score_thresh": stability_score_thresh,
-                        "box_nms_thresh": box_nms_thresh})
+        check_generator_numbers({"pred_iou_thresh": pred_iou_thresh,
+                                 "stability_score_thresh": stability_score_thresh, "box_nms_thresh": box_nms_thresh})
         if out is not None:
             check_output_path(out, folder=False)
             annotation_file = coco_root / "annotations" / f"instances_{split}.json"

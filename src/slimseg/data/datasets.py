@@ -275,9 +275,9 @@ def collate_images(items: list[dict | None]) -> dict | None:
         return None
     keys = list(kept[0])
     for item in kept[1:]:
-        if list(item) != keys:
+        if item.keys() != kept[0].keys():
             # datasets of different kinds mixed (ConcatDataset of an image folder and SA-1B, say)
-            differing = sorted(set(keys) ^ set(item)) or keys
+            differing = sorted(kept[0].keys() ^ item.keys())
             raise SlimsegError(f"cannot batch {kept[0].get('path', 'an item')} with {item.get('path', 'an item')}: "
                                f"only one of them has {', '.join(differing)} (mixed kinds of dataset?)")
     batch: dict[str, Any] = {key: [item[key] for item in kept] for key in keys}
